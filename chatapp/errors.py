@@ -1,0 +1,177 @@
+"""The ApiError family and the one place that turns any failure into the contract's JSON body."""
+import logging
+import uuid
+
+from flask import Flask, Response, g, jsonify
+from marshmallow import ValidationError
+from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeoutError
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error the client is told about: HTTP status, stable code, human detail, extra headers."""
+
+    status = 500
+    code = "internal_error"
+    detail = "Internal server error"
+
+    def __init__(self, detail=None, *, errors=None, headers=None):
+        super().__init__(detail or self.detail)
+        if detail:
+            self.detail = detail
+        self.errors = errors
+        self.headers = dict(headers or {})
+
+
+class InvalidRequest(ApiError):
+    status, code, detail = 400, "invalid_request", "Invalid request"
+
+
+class PayloadTooLarge(ApiError):
+    status, code, detail = 413, "payload_too_large", "Request body too large"
+
+
+class Unauthorized(ApiError):
+    """Base of the 401s: all carry the Bearer challenge."""
+
+    status = 401
+
+    def __init__(self, detail=None, **kwargs):
+        super().__init__(detail, **kwargs)
+        self.headers.setdefault("WWW-Authenticate", "Bearer")
+
+
+class AuthenticationRequired(Unauthorized):
+    code, detail = "authentication_required", "Authentication required"
+
+
+class InvalidToken(Unauthorized):
+    code, detail = "invalid_token", "Invalid token"
+
+
+class TokenExpired(Unauthorized):
+    code, detail = "token_expired", "Token has expired"
+
+
+class Forbidden(ApiError):
+    status, code, detail = 403, "forbidden", "Cannot access another user's chat"
+
+
+class RouteNotFound(ApiError):
+    status, code, detail = 404, "not_found", "Not found"
+
+
+class MethodNotAllowed(ApiError):
+    status, code, detail = 405, "method_not_allowed", "Method not allowed"
+
+
+class RateLimited(ApiError):
+    status, code, detail = 429, "rate_limited", "Rate limit exceeded"
+
+
+class ConversationNotFound(ApiError):
+    status, code, detail = 404, "conversation_not_found", "Conversation not found"
+
+
+class ConversationBusy(ApiError):
+    status, code, detail = 409, "conversation_busy", "Another turn of this conversation is in progress"
+
+    def __init__(self, detail=None, *, retry_after=1, **kwargs):
+        super().__init__(detail, **kwargs)
+        self.headers.setdefault("Retry-After", str(retry_after))
+
+
+class IdempotencyInProgress(ApiError):
+    status, code, detail = 409, "idempotency_in_progress", "A request with this idempotency key is in progress"
+
+
+class IdempotencyKeyReused(ApiError):
+    status, code, detail = 422, "idempotency_key_reused", "Idempotency key was used for a different request"
+
+
+class AgentUnavailable(ApiError):
+    """The agent failed; `detail` is ours, never the agent's URL, key or body."""
+
+    status, code, detail = 503, "agent_unavailable", "The agent is unavailable, try again later"
+
+    def __init__(self, detail=None, *, retry_after=1, **kwargs):
+        super().__init__(detail, **kwargs)
+        self.retry_after = max(1, int(retry_after))
+        self.headers.setdefault("Retry-After", str(self.retry_after))
+
+
+class ServiceUnavailable(ApiError):
+    status, code, detail = 503, "service_unavailable", "Service temporarily unavailable"
+
+    def __init__(self, detail=None, **kwargs):
+        super().__init__(detail, **kwargs)
+        self.headers.setdefault("Retry-After", "1")
+
+
+# Werkzeug's HTTP errors that reach us, by status; anything else becomes InvalidRequest (4xx) or 500.
+_HTTP_ERRORS = {404: RouteNotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
+
+
+def current_request_id() -> str:
+    """The id of the request being served (the request-id hook sets it first), or a fresh one."""
+    return g.setdefault("request_id", uuid.uuid4().hex)
+
+
+def error_response(error: ApiError) -> Response:
+    """The contract's JSON error body with the error's status and headers."""
+    body = {"detail": error.detail, "code": error.code, "request_id": current_request_id()}
+    if error.errors is not None:
+        body["errors"] = error.errors
+    response = jsonify(body)
+    response.status_code = error.status
+    response.headers.update(error.headers)
+    return response
+
+
+def _from_http_exception(exc: HTTPException) -> ApiError:
+    error_class = _HTTP_ERRORS.get(exc.code)
+    if error_class is not None:
+        error = error_class()
+        if exc.code == 405 and getattr(exc, "valid_methods", None):
+            error.headers["Allow"] = ", ".join(sorted(exc.valid_methods))
+        return error
+    if exc.code is not None and 400 <= exc.code < 500:
+        return InvalidRequest()
+    return ApiError()
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Route every exception, ours or not, through error_response()."""
+
+    @app.errorhandler(ApiError)
+    def handle_api_error(error: ApiError):
+        return error_response(error)
+
+    @app.errorhandler(ValidationError)
+    def handle_validation_error(error: ValidationError):
+        messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
+        fields = ", ".join(sorted(messages))
+        return error_response(InvalidRequest(f"Invalid request: {fields}", errors=messages))
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(error: HTTPException):
+        return error_response(_from_http_exception(error))
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(PoolTimeoutError)
+    def handle_database_unavailable(error: Exception):
+        log.error("database unavailable: %s", type(error).__name__, extra={"request_id": current_request_id()})
+        return error_response(ServiceUnavailable())
+
+    @app.errorhandler(DBAPIError)
+    def handle_database_error(error: DBAPIError):
+        if error.connection_invalidated:
+            return handle_database_unavailable(error)
+        return handle_unexpected(error)
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(error: Exception):
+        log.exception("unhandled error", extra={"request_id": current_request_id()})
+        return error_response(ApiError())
