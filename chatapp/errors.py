@@ -152,8 +152,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ValidationError)
     def handle_validation_error(error: ValidationError):
         messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-        fields = ", ".join(sorted(messages))
-        return error_response(InvalidRequest(f"Invalid request: {fields}", errors=messages))
+        fields = sorted(name for name in messages if name != "_schema")
+        detail = f"Invalid request: {', '.join(fields)}" if fields else str(messages["_schema"][0])
+        return error_response(InvalidRequest(detail, errors=messages))
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(error: HTTPException):

@@ -1,0 +1,56 @@
+"""The chatapp application factory."""
+import os
+
+from flask import Flask
+
+from chatapp import agent_client, cli, errors, log_config, request_ids
+from chatapp.auth import register_jwt_loaders
+from chatapp.extensions import db, jwt, migrate
+from chatapp.routes import chat, health
+from config import Config, config_from_env
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the app from `config` (default: the class CHATAPP_ENV names, production if unset)."""
+    config = config if config is not None else config_from_env()
+    config.validate()
+
+    app = Flask(__name__)
+    app.config.from_object(config)
+    configure_database(app)
+    app.json.sort_keys = False  # answer in the contract's field order
+
+    log_config.configure_logging(app)
+    request_ids.register_request_ids(app)
+    register_extensions(app)
+    errors.register_error_handlers(app)
+    register_blueprints(app)
+    cli.register_commands(app)
+    register_agent(app)
+    return app
+
+
+def configure_database(app: Flask) -> None:
+    """Default to a SQLite file in the instance folder."""
+    if not app.config.get("SQLALCHEMY_DATABASE_URI"):
+        os.makedirs(app.instance_path, exist_ok=True)
+        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{os.path.join(app.instance_path, 'chatapp.db')}"
+
+
+def register_extensions(app: Flask) -> None:
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS_DIR)
+    jwt.init_app(app)
+    register_jwt_loaders(jwt)
+
+
+def register_blueprints(app: Flask) -> None:
+    app.register_blueprint(chat.bp)
+    app.register_blueprint(health.bp)
+
+
+def register_agent(app: Flask) -> None:
+    """One agent client per app, kept on it so that tests can swap it."""
+    app.extensions["chat_agent"] = agent_client.build_agent(app.config)

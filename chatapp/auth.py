@@ -1,0 +1,57 @@
+"""Step 2: verify the bearer JWT with flask-jwt-extended and match its identity to the path."""
+from flask import current_app, request
+from flask_jwt_extended import decode_token
+from flask_jwt_extended.exceptions import JWTExtendedException
+from jwt import ExpiredSignatureError, PyJWTError
+
+from chatapp.errors import AuthenticationRequired, Forbidden, InvalidToken, TokenExpired, error_response
+
+
+def bearer_token() -> str:
+    """The token of `Authorization: Bearer <token>`; the scheme word is case-insensitive (RFC 7235)."""
+    header = request.headers.get("Authorization", "").strip()
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationRequired()
+    if " " in token:
+        raise InvalidToken("Malformed Authorization header")
+    return token
+
+
+def verify_token(token: str) -> dict:
+    """The token's claims after every check the contract asks for; ApiError otherwise."""
+    try:
+        # decode_token applies the app's JWT settings: the one algorithm, key, aud/iss, nbf/iat, leeway.
+        claims = decode_token(token)
+    except ExpiredSignatureError:
+        raise TokenExpired() from None
+    except (PyJWTError, JWTExtendedException, ValueError, TypeError):
+        # ValueError/TypeError: key material that does not fit the algorithm must not become a 500.
+        raise InvalidToken() from None
+    if "exp" not in claims:
+        raise InvalidToken("Token has no expiry")
+    identity = claims.get(current_app.config["JWT_IDENTITY_CLAIM"])
+    if not isinstance(identity, str) or not identity:
+        raise InvalidToken("Token has no valid identity")
+    return claims
+
+
+def authenticate(user_id: str) -> str:
+    """The authenticated user id, which must be the path's `user_id` (401 or 403 otherwise)."""
+    claims = verify_token(bearer_token())
+    identity = claims[current_app.config["JWT_IDENTITY_CLAIM"]]
+    if identity != user_id:
+        raise Forbidden()
+    return identity
+
+
+def register_jwt_loaders(jwt) -> None:
+    """flask-jwt-extended's own failure answers (422 {"msg"}) replaced by the contract's 401s."""
+    jwt.unauthorized_loader(lambda _reason: error_response(AuthenticationRequired()))
+    jwt.invalid_token_loader(lambda _reason: error_response(InvalidToken()))
+    jwt.expired_token_loader(lambda _header, _payload: error_response(TokenExpired()))
+    jwt.token_verification_failed_loader(lambda _header, _payload: error_response(InvalidToken()))
+    jwt.user_lookup_error_loader(lambda _header, _payload: error_response(InvalidToken()))
+    jwt.revoked_token_loader(lambda _header, _payload: error_response(InvalidToken()))
+    jwt.needs_fresh_token_loader(lambda _header, _payload: error_response(InvalidToken()))

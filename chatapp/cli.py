@@ -1,0 +1,41 @@
+"""Flask CLI commands."""
+import json
+import shlex
+from datetime import timedelta
+from urllib.parse import quote
+
+import click
+from flask import Flask
+from flask_jwt_extended import create_access_token
+
+
+def curl_command(base_url: str, user_id: str, token: str) -> str:
+    """A ready-to-paste curl command that starts a conversation as `user_id`."""
+    url = f"{base_url.rstrip('/')}/api/{quote(user_id, safe='')}/chat"
+    body = json.dumps({"message": "Hello!"})
+    return (
+        f"curl -s {shlex.quote(url)} \\\n"
+        f"  -H {shlex.quote('Authorization: Bearer ' + token)} \\\n"
+        f"  -H 'Content-Type: application/json' \\\n"
+        f"  -d {shlex.quote(body)}"
+    )
+
+
+@click.command("create-token")
+@click.argument("user_id")
+@click.option("--expires-in", default=3600, show_default=True, type=click.IntRange(min=1), help="Lifetime in seconds.")
+@click.option("--curl", "curl_base_url", metavar="BASE_URL", help="Print a curl command for BASE_URL instead.")
+def create_token(user_id: str, expires_in: int, curl_base_url: str | None) -> None:
+    """Print a bearer token for USER_ID, signed with the configured key."""
+    if not 1 <= len(user_id) <= 255 or "/" in user_id:
+        raise click.BadParameter("must be 1 to 255 characters, without '/'", param_hint="USER_ID")
+    try:
+        token = create_access_token(identity=user_id, expires_delta=timedelta(seconds=expires_in))
+    except RuntimeError as exc:  # e.g. only JWT_PUBLIC_KEY is set: nothing to sign with
+        raise click.ClickException(str(exc)) from None
+    click.echo(curl_command(curl_base_url, user_id, token) if curl_base_url else token)
+
+
+def register_commands(app: Flask) -> None:
+    """Attach the CLI commands to the app."""
+    app.cli.add_command(create_token)

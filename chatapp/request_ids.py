@@ -1,0 +1,26 @@
+"""X-Request-ID: the client's when sane, else a new one; echoed on every response."""
+import re
+import uuid
+
+from flask import Flask, g, request
+
+from chatapp.errors import current_request_id
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def assign_request_id() -> None:
+    """Adopt the client's X-Request-ID when it is 1 to 128 visible ASCII characters."""
+    client_id = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = client_id if _SANE_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
+
+
+def register_request_ids(app: Flask) -> None:
+    """Assign the id before anything else runs, and return it on every response, errors included."""
+    app.before_request_funcs.setdefault(None, []).insert(0, assign_request_id)
+
+    @app.after_request
+    def add_request_id_header(response):
+        response.headers[REQUEST_ID_HEADER] = current_request_id()
+        return response

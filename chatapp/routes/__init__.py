@@ -1,0 +1,1 @@
+"""HTTP routes: the only code that touches flask.request."""

@@ -1,0 +1,220 @@
+"""Fixtures: app -> client -> db -> auth, on SQLite and (with TEST_DATABASE_URL) on PostgreSQL,
+with a real agent HTTP server on loopback."""
+import os
+import shutil
+import time
+import uuid
+
+import jwt as pyjwt
+import pytest
+from flask_migrate import upgrade
+from sqlalchemy import create_engine, event, func, select, text
+
+from chatapp import create_app
+from chatapp.extensions import db as _db
+from chatapp.models import Conversation, Message
+from config import TestingConfig, database_url
+from tests.agent_server import AgentServer
+
+TEST_SECRET = "test-secret-long-enough-for-every-hmac-algorithm-0123456789abcdef"
+DATABASES = ["sqlite", "postgresql"]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--require-postgres",
+        action="store_true",
+        help="fail, instead of skipping, the PostgreSQL half of the suite when TEST_DATABASE_URL is unusable",
+    )
+
+
+def pytest_report_header(config):
+    url = os.environ.get("TEST_DATABASE_URL")
+    return f"databases: sqlite, postgresql ({'TEST_DATABASE_URL set' if url else 'skipped: TEST_DATABASE_URL unset'})"
+
+
+def _migrate(url):
+    """Build the schema with the project's migrations, as `flask db upgrade` does."""
+    app = create_app(TestingConfig(SQLALCHEMY_DATABASE_URI=url, JWT_SECRET_KEY=TEST_SECRET))
+    with app.app_context():
+        _db.drop_all()
+        with _db.engine.begin() as connection:
+            connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        upgrade()
+        _db.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory):
+    """A migrated SQLite file; each test gets a copy."""
+    path = tmp_path_factory.mktemp("sqlite") / "template.db"
+    _migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url(request):
+    """The migrated PostgreSQL database, or a skip (a failure with --require-postgres)."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    reason = "PostgreSQL skipped: TEST_DATABASE_URL is not set"
+    if url:
+        url = database_url(url)
+        try:
+            engine = create_engine(url)
+            with engine.connect():
+                pass
+            engine.dispose()
+            _migrate(url)
+            return url
+        except Exception as exc:  # unreachable server: say so, then skip or fail
+            reason = f"PostgreSQL skipped: cannot use TEST_DATABASE_URL ({type(exc).__name__})"
+    if request.config.getoption("--require-postgres"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(params=DATABASES)
+def database_uri(request, tmp_path):
+    """A clean, migrated database of each kind, emptied again after the test."""
+    if request.param == "sqlite":
+        path = tmp_path / "test.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        tables = ", ".join(table.name for table in _db.metadata.sorted_tables)
+        connection.execute(text(f"TRUNCATE {tables} CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def agent_server():
+    """A real OpenAI-compatible agent on 127.0.0.1, scripted per test."""
+    with AgentServer() as server:
+        yield server
+
+
+@pytest.fixture
+def config_overrides():
+    """Per-test settings; a test or module overrides this fixture to change them."""
+    return {}
+
+
+@pytest.fixture
+def app(database_uri, agent_server, config_overrides):
+    settings = {
+        "SQLALCHEMY_DATABASE_URI": database_uri,
+        "JWT_SECRET_KEY": TEST_SECRET,
+        "AGENT_URL": agent_server.url,
+        "AGENT_MAX_RETRIES": 1,
+        **config_overrides,
+    }
+    app = create_app(TestingConfig(**settings))
+    yield app
+    with app.app_context():
+        _db.session.remove()
+        _db.engine.dispose()
+
+
+class AuthActions:
+    """Tokens for tests, signed as an identity provider would sign them; a claim given as ... is left out."""
+
+    def __init__(self, secret=TEST_SECRET, algorithm="HS256"):
+        self.secret, self.algorithm = secret, algorithm
+
+    def token(self, user_id="alice", *, expires_in=600, key=None, algorithm=None, **claims):
+        now = int(time.time())
+        payload = {"sub": user_id, "iat": now, "nbf": now, "jti": uuid.uuid4().hex}
+        if expires_in is not None:
+            payload["exp"] = now + expires_in
+        payload.update(claims)
+        payload = {name: value for name, value in payload.items() if value is not ...}
+        return pyjwt.encode(payload, key or self.secret, algorithm=algorithm or self.algorithm)
+
+    def headers(self, user_id="alice", **claims):
+        return {"Authorization": f"Bearer {self.token(user_id, **claims)}"}
+
+
+@pytest.fixture
+def auth():
+    return AuthActions()
+
+
+class Store:
+    """What the database holds, read through its own session."""
+
+    def counts(self):
+        return (
+            _db.session.scalar(select(func.count()).select_from(Conversation)),
+            _db.session.scalar(select(func.count()).select_from(Message)),
+        )
+
+    def messages(self, conversation_id):
+        _db.session.expire_all()
+        return _db.session.execute(
+            select(Message.seq, Message.role, Message.content)
+            .where(Message.conversation_id == uuid.UUID(conversation_id))
+            .order_by(Message.seq)
+        ).all()
+
+    def conversation(self, conversation_id):
+        _db.session.expire_all()
+        return _db.session.get(Conversation, uuid.UUID(conversation_id))
+
+
+@pytest.fixture
+def store(app):
+    with app.app_context():
+        yield Store()
+        _db.session.remove()
+
+
+class Chat:
+    """Posts chat turns as a client would."""
+
+    def __init__(self, client, auth):
+        self.client, self.auth = client, auth
+
+    def post(self, body=None, user_id="alice", headers=None, **kwargs):
+        request_headers = self.auth.headers(user_id)
+        request_headers.update(headers or {})
+        return self.client.post(f"/api/{user_id}/chat", json=body, headers=request_headers, **kwargs)
+
+    def turn(self, message="Hello", conversation_id=None, **kwargs):
+        body = {"message": message}
+        if conversation_id is not None:
+            body["conversation_id"] = conversation_id
+        response = self.post(body, **kwargs)
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+
+
+@pytest.fixture
+def chat(client, auth):
+    return Chat(client, auth)
+
+
+@pytest.fixture
+def count_statements(app):
+    """A context manager factory counting the SQL statements the app's engine runs."""
+
+    class Counter:
+        def __init__(self):
+            self.statements = []
+
+        def __enter__(self):
+            with app.app_context():
+                self.engine = _db.engine
+            event.listen(self.engine, "before_cursor_execute", self._record)
+            return self
+
+        def _record(self, conn, cursor, statement, *args):
+            self.statements.append(statement)
+
+        def __exit__(self, *exc):
+            event.remove(self.engine, "before_cursor_execute", self._record)
+
+    return Counter

@@ -1,0 +1,121 @@
+"""Configuration from the environment, and production's refusal to start unsafely."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatapp import create_app
+import config as config_module
+from config import ConfigError, DevelopmentConfig, ProductionConfig, config_from_env, database_url
+
+ROOT = Path(__file__).resolve().parent.parent
+STRONG_SECRET = "s" * 32
+
+
+@pytest.fixture
+def environ(monkeypatch):
+    """A clean slate of chatapp variables."""
+    for name in list(os.environ):
+        if name.startswith(("AGENT_", "JWT_", "CONTEXT_", "CHATAPP_")) or name in ("DATABASE_URL", "ALLOWED_MODELS", "DEFAULT_MODEL"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_defaults_are_the_contracts(environ):
+    config = DevelopmentConfig()
+    assert (config.AGENT_CONNECT_TIMEOUT, config.AGENT_TIMEOUT, config.AGENT_MAX_RETRIES) == (3.0, 30.0, 2)
+    assert config.AGENT_MAX_RESPONSE_BYTES == 1048576
+    assert (config.CONTEXT_MAX_MESSAGES, config.CONTEXT_MAX_CHARS) == (50, 100000)
+    assert config.MAX_CONTENT_LENGTH == 262144
+    assert (config.DEFAULT_MODEL, config.ALLOWED_MODELS) == ("gpt-4", None)
+    assert (config.JWT_ALGORITHM, config.JWT_DECODE_ALGORITHMS, config.JWT_IDENTITY_CLAIM) == ("HS256", ["HS256"], "sub")
+    assert config.IDEMPOTENCY_TTL == 86400
+    assert config.LOG_FORMAT == "text"
+    assert ProductionConfig().LOG_FORMAT == "json"
+
+
+def test_environment_is_read_when_the_config_is_built(environ):
+    environ.setenv("AGENT_TIMEOUT", "12.5")
+    environ.setenv("ALLOWED_MODELS", "gpt-4, llama3 ,")
+    environ.setenv("JWT_ALGORITHM", "RS256")
+    config = DevelopmentConfig()
+    assert config.AGENT_TIMEOUT == 12.5
+    assert config.ALLOWED_MODELS == ["gpt-4", "llama3"]
+    assert config.JWT_DECODE_ALGORITHMS == ["RS256"]
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("postgres://u:p@host:5432/db", "postgresql+psycopg://u:p@host:5432/db"),
+        ("postgresql://u@host/db", "postgresql+psycopg://u@host/db"),
+        ("postgresql+psycopg://u@host/db", "postgresql+psycopg://u@host/db"),
+        ("sqlite:///x.db", "sqlite:///x.db"),
+    ],
+)
+def test_database_url(environ, url, expected):
+    assert database_url(url) == expected
+    environ.setenv("DATABASE_URL", url)
+    assert DevelopmentConfig().SQLALCHEMY_DATABASE_URI == expected
+
+
+@pytest.mark.parametrize(
+    "variables, message",
+    [
+        ({"AGENT_URL": "http://127.0.0.1:9/v1"}, "JWT_SECRET_KEY must be set to at least 32 bytes"),
+        ({"AGENT_URL": "http://127.0.0.1:9/v1", "JWT_SECRET_KEY": "short"}, "JWT_SECRET_KEY must be set to at least 32 bytes"),
+        ({"JWT_SECRET_KEY": STRONG_SECRET}, "AGENT_URL must be set in production"),
+        ({"JWT_SECRET_KEY": STRONG_SECRET, "AGENT_URL": "http://x", "AGENT_TIMEOUT": "soon"}, "AGENT_TIMEOUT must be a number"),
+    ],
+)
+def test_production_refuses_to_start(environ, variables, message):
+    for name, value in variables.items():
+        environ.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        create_app(ProductionConfig() if "AGENT_TIMEOUT" not in variables else None)
+
+
+def test_production_accepts_a_public_key_instead_of_a_secret(environ):
+    environ.setenv("AGENT_URL", "http://127.0.0.1:9/v1")
+    environ.setenv("JWT_ALGORITHM", "RS256")
+    environ.setenv("JWT_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----\n...")
+    ProductionConfig().validate()
+
+
+def test_production_starts_with_a_strong_secret(environ, tmp_path):
+    environ.setenv("AGENT_URL", "http://127.0.0.1:9/v1")
+    environ.setenv("JWT_SECRET_KEY", STRONG_SECRET)
+    environ.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    app = create_app(ProductionConfig())
+    assert not app.testing and not app.debug
+    assert type(app.extensions["chat_agent"]).__name__ == "OpenAIChatAgent"
+
+
+def test_chatapp_env_selects_the_class(environ):
+    assert isinstance(config_from_env(), ProductionConfig)
+    environ.setenv("CHATAPP_ENV", "development")
+    assert isinstance(config_from_env(), DevelopmentConfig)
+    environ.setenv("CHATAPP_ENV", "testing")
+    assert isinstance(config_from_env(), config_module.TestingConfig)
+    environ.setenv("CHATAPP_ENV", "staging")
+    with pytest.raises(ConfigError, match="CHATAPP_ENV"):
+        config_from_env()
+
+
+def test_development_uses_the_echo_agent(environ, tmp_path):
+    environ.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
+    app = create_app(DevelopmentConfig())
+    assert type(app.extensions["chat_agent"]).__name__ == "EchoAgent"
+
+
+def test_wsgi_refuses_production_without_settings_in_one_line(tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("JWT_", "AGENT_", "CHATAPP_"))}
+    result = subprocess.run(
+        [sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "chatapp: configuration error: JWT_SECRET_KEY must be set to at least 32 bytes in production (or set JWT_PUBLIC_KEY)"
+    ]

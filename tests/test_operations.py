@@ -1,0 +1,46 @@
+"""Operating it: health probes, the create-token command, the migrations."""
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from chatapp.extensions import db
+
+
+def test_healthz(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+    assert response.headers["X-Request-ID"]
+
+
+def test_readyz(client):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ready"}
+
+
+def test_create_token_works_against_the_api(app, client, agent_server):
+    result = app.test_cli_runner().invoke(args=["create-token", "carol", "--expires-in", "60"])
+    assert result.exit_code == 0, result.output
+    token = result.output.strip()
+    response = client.post("/api/carol/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    forbidden = client.post("/api/dave/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {token}"})
+    assert forbidden.status_code == 403
+
+
+def test_create_token_prints_a_curl_command(app):
+    result = app.test_cli_runner().invoke(args=["create-token", "demo", "--curl", "http://127.0.0.1:5000"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("curl -s http://127.0.0.1:5000/api/demo/chat \\\n  -H 'Authorization: Bearer ey")
+
+
+def test_create_token_rejects_bad_input(app):
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["create-token", "a/b"]).exit_code != 0
+    assert runner.invoke(args=["create-token", "alice", "--expires-in", "0"]).exit_code != 0
+
+
+def test_migrations_match_the_models(app):
+    with app.app_context(), db.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
+    assert differences == []
