@@ -13,3 +13,5 @@ graceful_timeout = int(float(os.environ.get("AGENT_TIMEOUT", "30"))) + 10
 keepalive = 5
 accesslog = "-"
 errorlog = "-"
+# No runtime control socket: one per user by default, so two servers on a host would fight over it.
+control_socket_disable = True

@@ -16,13 +16,18 @@ class ApiError(Exception):
     status = 500
     code = "internal_error"
     detail = "Internal server error"
+    retry_after: int | None = None  # seconds; sent as Retry-After when set
 
-    def __init__(self, detail=None, *, errors=None, headers=None):
+    def __init__(self, detail=None, *, errors=None, headers=None, retry_after=None):
         super().__init__(detail or self.detail)
         if detail:
             self.detail = detail
         self.errors = errors
         self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.retry_after = max(1, int(retry_after))
+        if self.retry_after is not None:
+            self.headers.setdefault("Retry-After", str(self.retry_after))
 
 
 class InvalidRequest(ApiError):
@@ -77,10 +82,7 @@ class ConversationNotFound(ApiError):
 
 class ConversationBusy(ApiError):
     status, code, detail = 409, "conversation_busy", "Another turn of this conversation is in progress"
-
-    def __init__(self, detail=None, *, retry_after=1, **kwargs):
-        super().__init__(detail, **kwargs)
-        self.headers.setdefault("Retry-After", str(retry_after))
+    retry_after = 1
 
 
 class IdempotencyInProgress(ApiError):
@@ -95,19 +97,12 @@ class AgentUnavailable(ApiError):
     """The agent failed; `detail` is ours, never the agent's URL, key or body."""
 
     status, code, detail = 503, "agent_unavailable", "The agent is unavailable, try again later"
-
-    def __init__(self, detail=None, *, retry_after=1, **kwargs):
-        super().__init__(detail, **kwargs)
-        self.retry_after = max(1, int(retry_after))
-        self.headers.setdefault("Retry-After", str(self.retry_after))
+    retry_after = 1
 
 
 class ServiceUnavailable(ApiError):
     status, code, detail = 503, "service_unavailable", "Service temporarily unavailable"
-
-    def __init__(self, detail=None, **kwargs):
-        super().__init__(detail, **kwargs)
-        self.headers.setdefault("Retry-After", "1")
+    retry_after = 1
 
 
 # Werkzeug's HTTP errors that reach us, by status; anything else becomes InvalidRequest (4xx) or 500.

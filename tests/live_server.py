@@ -1,0 +1,82 @@
+"""The service under gunicorn, as the Procfile runs it, on a free loopback port."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """`gunicorn wsgi:app --config gunicorn.conf.py` in a subprocess, bound to 127.0.0.1 only."""
+
+    def __init__(self, env: dict, workers: int = 1, threads: int = 8):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **{key: value for key, value in os.environ.items() if not key.startswith(("JWT_", "AGENT_", "CHATAPP_"))},
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": str(workers),
+            "GUNICORN_THREADS": str(threads),
+            **env,
+        }
+        self.process = None
+
+    def run_release(self) -> subprocess.CompletedProcess:
+        """The Procfile's release line: `flask --app wsgi db upgrade`."""
+        return subprocess.run(
+            [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60,
+        )
+
+    def start(self) -> "LiveServer":
+        self.process = subprocess.Popen(
+            # --bind overrides the config's 0.0.0.0 so that the test listens on loopback only.
+            [str(BIN / "gunicorn"), "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.process.stdout.read()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("gunicorn did not become ready in 30 s")
+
+    def stop(self) -> str:
+        """Stop gunicorn; its output."""
+        if self.process is None:
+            return ""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        output = self.process.stdout.read()
+        self.process.stdout.close()
+        self.process = None
+        return output
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
