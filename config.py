@@ -84,6 +84,8 @@ class Config:
         self.CONTEXT_MAX_CHARS = _env_int("CONTEXT_MAX_CHARS", 100000)
         self.MAX_CONTENT_LENGTH = _env_int("MAX_CONTENT_LENGTH", 262144)
         self.IDEMPOTENCY_TTL = _env_int("IDEMPOTENCY_TTL", 86400)
+        # A turn holds its conversation and key for AGENT_TIMEOUT plus this; then it is presumed dead.
+        self.TURN_HOLD_MARGIN = _env_float("TURN_HOLD_MARGIN", 15.0)
 
         self.LOG_LEVEL = _env("LOG_LEVEL", "INFO").upper()
         self.LOG_FORMAT = _env("LOG_FORMAT", self._default_log_format())

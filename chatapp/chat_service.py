@@ -1,16 +1,21 @@
-"""Steps 3 and 4 of a chat turn: resolve the conversation, call the agent, store the turn atomically."""
+"""Steps 3 and 4 of a chat turn, behind the idempotency key: resolve and claim the conversation,
+call the agent, store the turn atomically."""
+import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from flask import current_app
 from sqlalchemy.exc import IntegrityError
 
-from chatapp import queries
+from chatapp import idempotency, queries
 from chatapp.agent_client import AgentRunner
 from chatapp.errors import ConversationBusy, ConversationNotFound
 from chatapp.extensions import db
 from chatapp.models import TITLE_LENGTH, Conversation, Message, utcnow
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,23 @@ class ChatTurn:
     model: str
 
 
+@dataclass(frozen=True)
+class TurnResult:
+    """The response body of a turn, and whether it is the replay of an earlier run."""
+
+    body: str
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class ClaimedConversation:
+    """An existing conversation this turn holds until it stores or fails."""
+
+    id: uuid.UUID
+    message_count: int
+    token: uuid.UUID
+
+
 def parse_conversation_id(value: str) -> uuid.UUID:
     """The UUID a client sent; anything malformed is just a conversation that does not exist."""
     try:
@@ -37,14 +59,24 @@ def parse_conversation_id(value: str) -> uuid.UUID:
     return parsed
 
 
-def resolve_conversation(user_id: str, conversation_id: str | None) -> queries.ConversationState | None:
-    """Step 3: the user's existing conversation, or None for a new one; 404 for any other id."""
+def turn_hold_seconds() -> float:
+    """How long a turn may hold its conversation and key: past this, its worker is presumed dead."""
+    return current_app.config["AGENT_TIMEOUT"] + current_app.config["TURN_HOLD_MARGIN"]
+
+
+def claim_conversation(user_id: str, conversation_id: str | None) -> ClaimedConversation | None:
+    """Step 3: hold the user's conversation for this turn (None: a new one); 404, or 409 while
+    another turn holds it."""
     if conversation_id is None:
         return None
-    conversation = queries.find_conversation(user_id, parse_conversation_id(conversation_id))
-    if conversation is None:
-        raise ConversationNotFound()
-    return conversation
+    parsed_id = parse_conversation_id(conversation_id)
+    now, token = utcnow(), uuid.uuid4()
+    message_count = queries.claim_conversation(
+        user_id, parsed_id, token, now, now + timedelta(seconds=turn_hold_seconds())
+    )
+    if message_count is None:
+        raise ConversationBusy() if queries.conversation_exists(user_id, parsed_id) else ConversationNotFound()
+    return ClaimedConversation(parsed_id, message_count, token)
 
 
 def build_context(history: list[tuple[str, str]], user_message: str) -> list[dict]:
@@ -61,76 +93,135 @@ def conversation_title(first_message: str) -> str:
     return " ".join(first_message.split())[:TITLE_LENGTH]
 
 
-def send_message(user_id: str, chat_request: dict, agent: AgentRunner, request_id: str | None = None) -> ChatTurn:
-    """Steps 3 and 4. Reads, then releases the database connection while the agent works, then
-    stores the conversation (if new) and both messages in one short transaction."""
+def send_message(
+    user_id: str,
+    chat_request: dict,
+    agent: AgentRunner,
+    render: Callable[[ChatTurn], str],
+    request_id: str | None = None,
+) -> TurnResult:
+    """The idempotency key, then steps 3 and 4. `render` turns the turn into the response body,
+    which is stored with the key so that a retry gets the same bytes."""
+    key_claim = None
+    if chat_request["idempotency_key"]:
+        fingerprint = idempotency.request_fingerprint(
+            chat_request["message"], chat_request["conversation_id"], chat_request["model"]
+        )
+        outcome = idempotency.claim_key(
+            user_id,
+            chat_request["idempotency_key"],
+            fingerprint,
+            hold_seconds=turn_hold_seconds(),
+            ttl_seconds=current_app.config["IDEMPOTENCY_TTL"],
+        )
+        if isinstance(outcome, idempotency.Replay):
+            return TurnResult(outcome.body, replayed=True)
+        key_claim = outcome
+
+    conversation = None
+    try:
+        conversation = claim_conversation(user_id, chat_request["conversation_id"])
+        body = run_turn(user_id, chat_request, conversation, key_claim, agent, render, request_id)
+    except BaseException:
+        release_claims(conversation, key_claim)
+        raise
+    return TurnResult(body, replayed=False)
+
+
+def run_turn(
+    user_id: str,
+    chat_request: dict,
+    conversation: ClaimedConversation | None,
+    key_claim: idempotency.KeyClaim | None,
+    agent: AgentRunner,
+    render: Callable[[ChatTurn], str],
+    request_id: str | None,
+) -> str:
+    """Step 4: read the history, release the connection while the agent works, then store the
+    conversation (if new), both messages and the idempotency record in one short transaction."""
     config = current_app.config
     user_message, model = chat_request["message"], chat_request["model"]
     asked_at = utcnow()
-
-    conversation = resolve_conversation(user_id, chat_request["conversation_id"])
     history = []
     if conversation is not None:
         history = queries.recent_history(conversation.id, config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"])
-    # End the read transaction: a slow agent must not hold a pooled connection.
-    db.session.rollback()
+    # Commit the claim and end the transaction: a slow agent must not hold a pooled connection.
+    db.session.commit()
 
     reply = agent.run(build_context(history, user_message), model, request_id=request_id)
 
     answered_at = utcnow()
-    try:
-        if conversation is None:
-            conversation_id, first_seq = uuid.uuid4(), 1
-            db.session.add(
-                Conversation(
-                    id=conversation_id,
-                    user_id=user_id,
-                    title=conversation_title(user_message),
-                    message_count=2,
-                    created_at=asked_at,
-                    updated_at=answered_at,
-                )
+    if conversation is None:
+        conversation_id, first_seq = uuid.uuid4(), 1
+        db.session.add(
+            Conversation(
+                id=conversation_id,
+                user_id=user_id,
+                title=conversation_title(user_message),
+                message_count=2,
+                created_at=asked_at,
+                updated_at=answered_at,
             )
-        else:
-            conversation_id, first_seq = conversation.id, conversation.message_count + 1
-            if not queries.advance_message_count(conversation_id, conversation.message_count, 2, answered_at):
-                raise ConversationBusy()
-        message_id = uuid.uuid4()
-        db.session.add_all(
-            [
-                Message(
-                    id=uuid.uuid4(),  # both ids given, so both rows go in one batched INSERT
-                    conversation_id=conversation_id,
-                    seq=first_seq,
-                    role="user",
-                    content=user_message,
-                    created_at=asked_at,
-                ),
-                Message(
-                    id=message_id,
-                    conversation_id=conversation_id,
-                    seq=first_seq + 1,
-                    role="assistant",
-                    content=reply.content,
-                    created_at=answered_at,
-                ),
-            ]
         )
-        db.session.commit()
-    except IntegrityError:
-        # Another turn took these sequence numbers first.
-        db.session.rollback()
-        raise ConversationBusy() from None
-    except BaseException:
-        db.session.rollback()
-        raise
-
-    return ChatTurn(
-        conversation_id=str(conversation_id),
-        message_id=str(message_id),
-        message=reply.content,
-        role="assistant",
-        created_at=answered_at,
-        usage=reply.usage,
-        model=model,
+    else:
+        conversation_id, first_seq = conversation.id, conversation.message_count + 1
+        if not queries.finish_conversation_turn(conversation_id, conversation.token, first_seq + 1, answered_at):
+            raise ConversationBusy()  # our claim expired and another turn took the conversation
+    message_id = uuid.uuid4()
+    db.session.add_all(
+        [
+            Message(
+                id=uuid.uuid4(),  # both ids given, so both rows go in one batched INSERT
+                conversation_id=conversation_id,
+                seq=first_seq,
+                role="user",
+                content=user_message,
+                created_at=asked_at,
+            ),
+            Message(
+                id=message_id,
+                conversation_id=conversation_id,
+                seq=first_seq + 1,
+                role="assistant",
+                content=reply.content,
+                created_at=answered_at,
+            ),
+        ]
     )
+    body = render(
+        ChatTurn(
+            conversation_id=str(conversation_id),
+            message_id=str(message_id),
+            message=reply.content,
+            role="assistant",
+            created_at=answered_at,
+            usage=reply.usage,
+            model=model,
+        )
+    )
+    try:
+        db.session.flush()  # the conversation row first: the key refers to it
+    except IntegrityError:
+        # The unique (conversation_id, seq) index: the last guard against interleaved turns.
+        raise ConversationBusy() from None
+    if key_claim is not None:
+        idempotency.complete_key(key_claim, body, conversation_id)
+    db.session.commit()
+    return body
+
+
+def release_claims(conversation: ClaimedConversation | None, key_claim: idempotency.KeyClaim | None) -> None:
+    """After a failed turn: nothing of it stays stored, the conversation and the key are free again."""
+    db.session.rollback()
+    if conversation is None and key_claim is None:
+        return
+    try:
+        if conversation is not None:
+            queries.release_conversation(conversation.id, conversation.token)
+        if key_claim is not None:
+            idempotency.release_key(key_claim)
+        db.session.commit()
+    except Exception:
+        # The database may be the failure: the hold then lapses by itself after turn_hold_seconds().
+        db.session.rollback()
+        log.warning("could not release the claims of a failed turn", exc_info=True)

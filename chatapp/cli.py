@@ -5,8 +5,10 @@ from datetime import timedelta
 from urllib.parse import quote
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask_jwt_extended import create_access_token
+
+from chatapp import idempotency
 
 
 def curl_command(base_url: str, user_id: str, token: str) -> str:
@@ -36,6 +38,15 @@ def create_token(user_id: str, expires_in: int, curl_base_url: str | None) -> No
     click.echo(curl_command(curl_base_url, user_id, token) if curl_base_url else token)
 
 
+@click.command("purge-idempotency-keys")
+def purge_idempotency_keys() -> None:
+    """Delete idempotency keys older than IDEMPOTENCY_TTL (expired keys are ignored anyway;
+    run this from a scheduler to keep the table small)."""
+    removed = idempotency.purge_expired_keys(current_app.config["IDEMPOTENCY_TTL"])
+    click.echo(f"removed {removed} expired idempotency keys")
+
+
 def register_commands(app: Flask) -> None:
     """Attach the CLI commands to the app."""
     app.cli.add_command(create_token)
+    app.cli.add_command(purge_idempotency_keys)

@@ -87,6 +87,7 @@ class ConversationBusy(ApiError):
 
 class IdempotencyInProgress(ApiError):
     status, code, detail = 409, "idempotency_in_progress", "A request with this idempotency key is in progress"
+    retry_after = 1
 
 
 class IdempotencyKeyReused(ApiError):

@@ -31,7 +31,10 @@ class UTCDateTime(TypeDecorator):
 
 
 class Conversation(db.Model):
-    """One user's conversation; `message_count` is also the last sequence number used."""
+    """One user's conversation; `message_count` is also the last sequence number used.
+
+    A turn in flight holds the conversation through `claim_token` until `claimed_until`, so that
+    turns of one conversation never interleave, across processes and hosts."""
 
     __tablename__ = "conversations"
     __table_args__ = (Index("ix_conversations_user_id_updated_at", "user_id", "updated_at"),)
@@ -42,6 +45,8 @@ class Conversation(db.Model):
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Message(db.Model):
@@ -56,4 +61,21 @@ class Message(db.Model):
     seq: Mapped[int] = mapped_column(Integer)
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IdempotencyKey(db.Model):
+    """A client's idempotency key: in progress (held by `claim_token` until `locked_until`),
+    then completed with the exact response body to replay."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+
+    user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    response_body: Mapped[str | None] = mapped_column(Text)
+    conversation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,29 +1,70 @@
-"""The SQL of a chat turn: every query reads or writes a bounded number of rows."""
+"""The SQL of a chat turn: every statement reads or writes a bounded number of rows."""
 import uuid
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, exists, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from chatapp.extensions import db
-from chatapp.models import Conversation, Message
+from chatapp.models import Conversation, IdempotencyKey, Message
+
+# Plain UPDATE/DELETE statements: no ORM objects are loaded that would need synchronizing.
+_BULK = {"synchronize_session": False}
 
 
-class ConversationState(NamedTuple):
-    """What a turn needs to know of an existing conversation, read before the agent call."""
+class StoredKey(NamedTuple):
+    """An idempotency key's row, as a claim attempt found it."""
 
-    id: uuid.UUID
-    message_count: int
+    fingerprint: str
+    response_body: str | None
+    locked_until: datetime | None
+    created_at: datetime
 
 
-def find_conversation(user_id: str, conversation_id: uuid.UUID) -> ConversationState | None:
-    """The user's conversation with this id, or None (unknown or another user's look the same)."""
+def claim_conversation(user_id: str, conversation_id: uuid.UUID, token: uuid.UUID, now: datetime, until: datetime) -> int | None:
+    """Hold the user's conversation for one turn, atomically, unless another turn holds it.
+    Its message count when claimed; None when it is held, another user's or absent."""
     row = db.session.execute(
-        select(Conversation.id, Conversation.message_count).where(
-            Conversation.id == conversation_id, Conversation.user_id == user_id
+        update(Conversation)
+        .where(
+            Conversation.id == conversation_id,
+            Conversation.user_id == user_id,
+            or_(Conversation.claimed_until.is_(None), Conversation.claimed_until < now),
         )
+        .values(claim_token=token, claimed_until=until)
+        .returning(Conversation.message_count)
+        .execution_options(**_BULK)
     ).first()
-    return ConversationState(*row) if row else None
+    return row[0] if row else None
+
+
+def conversation_exists(user_id: str, conversation_id: uuid.UUID) -> bool:
+    """Whether the user has this conversation."""
+    return db.session.scalar(
+        select(exists().where(Conversation.id == conversation_id, Conversation.user_id == user_id))
+    )
+
+
+def finish_conversation_turn(conversation_id: uuid.UUID, token: uuid.UUID, message_count: int, now: datetime) -> bool:
+    """Record the turn's new message count and release the claim, if it is still ours."""
+    result = db.session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.claim_token == token)
+        .values(message_count=message_count, updated_at=now, claim_token=None, claimed_until=None)
+        .execution_options(**_BULK)
+    )
+    return result.rowcount == 1
+
+
+def release_conversation(conversation_id: uuid.UUID, token: uuid.UUID) -> None:
+    """Give the conversation back after a failed turn (only if the claim is still ours)."""
+    db.session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.claim_token == token)
+        .values(claim_token=None, claimed_until=None)
+        .execution_options(**_BULK)
+    )
 
 
 def recent_history(conversation_id: uuid.UUID, max_messages: int, max_chars: int) -> list[tuple[str, str]]:
@@ -49,11 +90,77 @@ def recent_history(conversation_id: uuid.UUID, max_messages: int, max_chars: int
     return [(role, content) for role, content in rows]
 
 
-def advance_message_count(conversation_id: uuid.UUID, seen_count: int, added: int, now: datetime) -> bool:
-    """Reserve the next `added` sequence numbers, if nobody took them since we read `seen_count`."""
+def insert_idempotency_key(
+    user_id: str, key: str, fingerprint: str, token: uuid.UUID, now: datetime, locked_until: datetime
+) -> bool:
+    """Record the key as in progress and commit; False when the user already has this key."""
+    try:
+        db.session.execute(
+            insert(IdempotencyKey).values(
+                user_id=user_id,
+                key=key,
+                fingerprint=fingerprint,
+                claim_token=token,
+                locked_until=locked_until,
+                created_at=now,
+            )
+        )
+        db.session.commit()
+        return True
+    except IntegrityError:
+        db.session.rollback()
+        return False
+
+
+def find_idempotency_key(user_id: str, key: str) -> StoredKey | None:
+    """The user's stored key, or None."""
+    row = db.session.execute(
+        select(
+            IdempotencyKey.fingerprint,
+            IdempotencyKey.response_body,
+            IdempotencyKey.locked_until,
+            IdempotencyKey.created_at,
+        ).where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key)
+    ).first()
+    return StoredKey(*row) if row else None
+
+
+def delete_idempotency_key(user_id: str, key: str, created_at: datetime) -> None:
+    """Remove an expired or abandoned key and commit, unless it was replaced since it was read."""
+    db.session.execute(
+        delete(IdempotencyKey)
+        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key, IdempotencyKey.created_at == created_at)
+        .execution_options(**_BULK)
+    )
+    db.session.commit()
+
+
+def complete_idempotency_key(
+    user_id: str, key: str, token: uuid.UUID, response_body: str, conversation_id: uuid.UUID
+) -> bool:
+    """Store the response to replay, if the key is still held by this claim."""
     result = db.session.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.message_count == seen_count)
-        .values(message_count=seen_count + added, updated_at=now)
+        update(IdempotencyKey)
+        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key, IdempotencyKey.claim_token == token)
+        .values(response_body=response_body, conversation_id=conversation_id, claim_token=None, locked_until=None)
+        .execution_options(**_BULK)
     )
     return result.rowcount == 1
+
+
+def release_idempotency_key(user_id: str, key: str, token: uuid.UUID) -> None:
+    """Forget a key whose request failed, if it is still held by this claim."""
+    db.session.execute(
+        delete(IdempotencyKey)
+        .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key, IdempotencyKey.claim_token == token)
+        .execution_options(**_BULK)
+    )
+
+
+def purge_idempotency_keys(created_before: datetime) -> int:
+    """Delete the keys older than the TTL and commit; how many went."""
+    result = db.session.execute(
+        delete(IdempotencyKey).where(IdempotencyKey.created_at < created_before).execution_options(**_BULK)
+    )
+    db.session.commit()
+    return result.rowcount

@@ -29,6 +29,19 @@ def validate_idempotency_key(value: str) -> None:
         raise ValidationError("Must be 1 to 255 visible ASCII characters.")
 
 
+def idempotency_key(header_value: str | None, body_value: str | None) -> str | None:
+    """The request's idempotency key, from the Idempotency-Key header or the `request_id` field."""
+    if header_value is not None:
+        try:
+            validate_idempotency_key(header_value)
+        except ValidationError as error:
+            raise ValidationError({"Idempotency-Key": error.messages}) from None
+        if body_value is not None and body_value != header_value:
+            raise ValidationError({"request_id": ["Must equal the Idempotency-Key header when both are sent."]})
+        return header_value
+    return body_value
+
+
 class ChatRequestSchema(Schema):
     """The body of POST /api/<user_id>/chat; unknown fields are rejected by name."""
 

@@ -4,6 +4,7 @@ from logging.config import fileConfig
 
 from alembic import context
 from flask import current_app
+from sqlalchemy import TypeDecorator
 
 config = context.config
 # Keep the app's own loggers working when migrations run inside it (tests, `flask db upgrade`).
@@ -32,8 +33,15 @@ def run_migrations_online():
                 directives[:] = []
                 logger.info("No changes in schema detected.")
 
+    def render_item(type_, obj, autogen_context):
+        # Migrations stand alone: our UTC-aware column type is a plain timezone-aware DateTime.
+        if type_ == "type" and isinstance(obj, TypeDecorator):
+            return f"sa.{obj.impl!r}"
+        return False
+
     conf_args = dict(current_app.extensions["migrate"].configure_args)
     conf_args.setdefault("process_revision_directives", process_revision_directives)
+    conf_args.setdefault("render_item", render_item)
     with target_db.engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_db.metadata, **conf_args)
         with context.begin_transaction():

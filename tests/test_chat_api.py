@@ -7,6 +7,7 @@ import pytest
 
 from chatapp.extensions import db
 from tests.agent_server import Raw, Reply
+from tests.conftest import Chat
 
 
 def assert_error(response, status, code):
@@ -200,14 +201,36 @@ def seed_history(app, conversation_id, length):
         db.session.commit()
 
 
-def test_a_turn_racing_another_on_the_same_conversation_stores_nothing(app, chat, agent_server, store):
+def test_a_second_turn_while_the_first_is_in_flight_is_busy(app, auth, chat, agent_server, store):
     conversation_id = chat.turn("one")["conversation_id"]
-    # While the agent works, another turn lands on the same conversation.
+    second_turns = []
+    other_client = Chat(app.test_client(), auth)  # another client, in the agent's thread
+    # While the agent works on the first turn, a second turn arrives on the same conversation.
+    agent_server.on_request = lambda _request: second_turns.append(
+        other_client.post({"message": "meanwhile", "conversation_id": conversation_id}) if not second_turns else None
+    )
+
+    first = chat.post({"message": "two", "conversation_id": conversation_id})
+
+    assert first.status_code == 200
+    [busy] = [response for response in second_turns if response is not None]
+    assert_error(busy, 409, "conversation_busy")
+    assert busy.headers["Retry-After"] == "1"
+    assert store.messages(conversation_id) == [
+        (1, "user", "one"), (2, "assistant", "You said: one"), (3, "user", "two"), (4, "assistant", "You said: two")
+    ]
+    assert len(agent_server.requests) == 2
+    # The claim is released: the next turn goes through.
+    chat.turn("three", conversation_id=conversation_id)
+
+
+def test_a_writer_bypassing_the_claim_still_cannot_interleave(app, chat, agent_server, store):
+    conversation_id = chat.turn("one")["conversation_id"]
+    # While the agent works, rows appear that took the next sequence numbers without a claim.
     agent_server.on_request = lambda _request: seed_history(app, conversation_id, 4)
 
     response = chat.post({"message": "two", "conversation_id": conversation_id})
 
     assert_error(response, 409, "conversation_busy")
-    assert response.headers["Retry-After"]
-    assert [seq for seq, _, _ in store.messages(conversation_id)] == [1, 2, 3, 4]
-    assert [content for _, _, content in store.messages(conversation_id)][2:] == ["message 3", "message 4"]
+    assert [content for _, _, content in store.messages(conversation_id)] == ["one", "You said: one", "message 3", "message 4"]
+    assert store.conversation(conversation_id).claim_token is None

@@ -1,21 +1,35 @@
 """POST /api/<user_id>/chat: the five steps of the contract, in order."""
-from flask import Blueprint, current_app, g
+from flask import Blueprint, Response, current_app, g, request
 
 from chatapp.auth import authenticate
-from chatapp.chat_service import send_message
+from chatapp.chat_service import ChatTurn, TurnResult, send_message
 from chatapp.routes.body import json_body
-from chatapp.schemas import ChatRequestSchema, ChatResponseSchema, PathUserSchema
+from chatapp.schemas import ChatRequestSchema, ChatResponseSchema, PathUserSchema, idempotency_key
 
 bp = Blueprint("chat", __name__)
 
 
 def load_chat_request(user_id: str) -> dict:
-    """Step 1: the path's user id and the JSON body, validated."""
+    """Step 1: the path's user id, the JSON body and the idempotency key, validated."""
     PathUserSchema().load({"user_id": user_id})
     schema = ChatRequestSchema(
         default_model=current_app.config["DEFAULT_MODEL"], allowed_models=current_app.config["ALLOWED_MODELS"]
     )
-    return schema.load(json_body())
+    chat_request = schema.load(json_body())
+    chat_request["idempotency_key"] = idempotency_key(request.headers.get("Idempotency-Key"), chat_request.pop("request_id"))
+    return chat_request
+
+
+def render_chat_response(turn: ChatTurn) -> str:
+    """The ChatResponse body, exactly as sent (and stored for idempotent replays)."""
+    return current_app.json.dumps(ChatResponseSchema().dump(turn))
+
+
+def chat_response(result: TurnResult) -> Response:
+    response = Response(result.body, status=200, mimetype="application/json")
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 @bp.post("/api/<user_id>/chat")
@@ -23,7 +37,7 @@ def chat(user_id: str):
     """One chat turn."""
     chat_request = load_chat_request(user_id)  # 1. validate
     authenticate(user_id)  # 2. authenticate
-    turn = send_message(  # 3. resolve the conversation, 4. execute the agent and store the turn
-        user_id, chat_request, agent=current_app.extensions["chat_agent"], request_id=g.request_id
+    result = send_message(  # then the idempotency key; 3. resolve the conversation; 4. execute the agent, store
+        user_id, chat_request, current_app.extensions["chat_agent"], render_chat_response, request_id=g.request_id
     )
-    return ChatResponseSchema().dump(turn)  # 5. return
+    return chat_response(result)  # 5. return
