@@ -159,7 +159,9 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(OperationalError)
     @app.errorhandler(PoolTimeoutError)
     def handle_database_unavailable(error: Exception):
-        log.error("database unavailable: %s", type(error).__name__, extra={"request_id": current_request_id()})
+        # The driver's message only: SQLAlchemy's own would carry the statement's parameters.
+        reason = (str(getattr(error, "orig", "")).strip().splitlines() or [type(error).__name__])[0]
+        log.error("database unavailable: %s", reason, extra={"request_id": current_request_id()})
         return error_response(ServiceUnavailable())
 
     @app.errorhandler(DBAPIError)

@@ -21,11 +21,13 @@ jwt = JWTManager()
 
 @event.listens_for(Engine, "connect")
 def _configure_sqlite(dbapi_connection, _record):
-    """SQLite: enforce foreign keys, and let readers and a writer work at once (WAL)."""
+    """SQLite: enforce foreign keys, let readers and a writer work at once (WAL), and let a writer
+    wait its turn: SQLite's busy handler polls, so under many concurrent writers a short wait
+    can starve."""
     if type(dbapi_connection).__module__ != "sqlite3":
         return
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class LiveServer:
             **env,
         }
         self.process = None
+        self.log = None
 
     def run_release(self) -> subprocess.CompletedProcess:
         """The Procfile's release line: `flask --app wsgi db upgrade`."""
@@ -42,15 +44,17 @@ class LiveServer:
         )
 
     def start(self) -> "LiveServer":
+        # A file, not a pipe: a pipe nobody reads fills up and blocks the server's logging.
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             # --bind overrides the config's 0.0.0.0 so that the test listens on loopback only.
             [str(BIN / "gunicorn"), "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"],
-            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.process.stdout.read()}")
+                raise RuntimeError(f"gunicorn exited: {self.stop()}")
             try:
                 if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return self
@@ -70,8 +74,9 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        output = self.process.stdout.read()
-        self.process.stdout.close()
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
         self.process = None
         return output
 
