@@ -263,3 +263,22 @@ def test_statements_with_an_idempotency_key_do_not_grow_with_history(app, chat, 
         counts.append(len(counter.statements))
     # INSERT key; UPDATE claim RETURNING; SELECT history; UPDATE conversation; INSERT messages; UPDATE key.
     assert counts == [6, 6]
+
+
+def test_the_turn_and_its_key_commit_together(app, chat, agent_server, store):
+    """A worker presumed dead whose key was taken over meanwhile stores nothing of its turn."""
+
+    def take_over_the_key(_request):
+        with app.app_context():
+            db.session.execute(
+                IdempotencyKey.__table__.update().where(IdempotencyKey.key == "k").values(claim_token=uuid.uuid4())
+            )
+            db.session.commit()
+
+    agent_server.on_request = take_over_the_key
+    response = chat.post({"message": "hi"}, headers={"Idempotency-Key": "k"})
+
+    assert_error(response, 409, "idempotency_in_progress")
+    assert store.counts() == (0, 0)
+    [(response_body,)] = db.session.execute(select(IdempotencyKey.response_body)).all()
+    assert response_body is None  # still the other holder's, untouched
