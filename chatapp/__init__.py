@@ -6,7 +6,7 @@ from flask import Flask
 from chatapp import agent_client, cli, errors, log_config, request_ids
 from chatapp.auth import register_jwt_loaders
 from chatapp.extensions import db, jwt, migrate
-from chatapp.routes import chat, health
+from chatapp.routes import chat, conversations, docs, health
 from config import Config, config_from_env
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
@@ -48,7 +48,9 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     app.register_blueprint(chat.bp)
+    app.register_blueprint(conversations.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(docs.bp)
 
 
 def register_agent(app: Flask) -> None:

@@ -37,7 +37,8 @@ class Conversation(db.Model):
     turns of one conversation never interleave, across processes and hosts."""
 
     __tablename__ = "conversations"
-    __table_args__ = (Index("ix_conversations_user_id_updated_at", "user_id", "updated_at"),)
+    # Serves the conversation list: one user's, most recently active first, paged by (updated_at, id).
+    __table_args__ = (Index("ix_conversations_user_id_updated_at_id", "user_id", "updated_at", "id"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[str] = mapped_column(String(255))

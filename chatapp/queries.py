@@ -3,7 +3,7 @@ import uuid
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import delete, exists, func, insert, or_, select, update
+from sqlalchemy import delete, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from chatapp.extensions import db
@@ -164,3 +164,79 @@ def purge_idempotency_keys(created_before: datetime) -> int:
     )
     db.session.commit()
     return result.rowcount
+
+
+class ConversationSummary(NamedTuple):
+    """A conversation as the history endpoints show it."""
+
+    id: uuid.UUID
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+
+
+class StoredMessage(NamedTuple):
+    """A message as the history endpoints show it."""
+
+    id: uuid.UUID
+    seq: int
+    role: str
+    content: str
+    created_at: datetime
+
+
+_SUMMARY_COLUMNS = (
+    Conversation.id,
+    Conversation.title,
+    Conversation.created_at,
+    Conversation.updated_at,
+    Conversation.message_count,
+)
+
+
+def list_conversations(
+    user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None
+) -> list[ConversationSummary]:
+    """Up to `limit` of the user's conversations, most recently active first, starting after the
+    (updated_at, id) position `after`: one range scan of the (user_id, updated_at, id) index."""
+    query = select(*_SUMMARY_COLUMNS).where(Conversation.user_id == user_id)
+    if after is not None:
+        query = query.where(tuple_(Conversation.updated_at, Conversation.id) < tuple_(*after))
+    query = query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit)
+    return [ConversationSummary(*row) for row in db.session.execute(query)]
+
+
+def find_conversation_summary(user_id: str, conversation_id: uuid.UUID) -> ConversationSummary | None:
+    """The user's conversation, or None (unknown or another user's look the same)."""
+    row = db.session.execute(
+        select(*_SUMMARY_COLUMNS).where(Conversation.id == conversation_id, Conversation.user_id == user_id)
+    ).first()
+    return ConversationSummary(*row) if row else None
+
+
+def list_messages(conversation_id: uuid.UUID, limit: int, before_seq: int | None) -> list[StoredMessage]:
+    """Up to `limit` messages just before sequence number `before_seq` (the latest when None),
+    newest first: one range scan of the (conversation_id, seq) index."""
+    query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at).where(
+        Message.conversation_id == conversation_id
+    )
+    if before_seq is not None:
+        query = query.where(Message.seq < before_seq)
+    query = query.order_by(Message.seq.desc()).limit(limit)
+    return [StoredMessage(*row) for row in db.session.execute(query)]
+
+
+def delete_conversation(user_id: str, conversation_id: uuid.UUID, now: datetime) -> bool:
+    """Delete the user's conversation unless a turn holds it; its messages and idempotency keys
+    go with it (ON DELETE CASCADE). False when nothing was deleted."""
+    result = db.session.execute(
+        delete(Conversation)
+        .where(
+            Conversation.id == conversation_id,
+            Conversation.user_id == user_id,
+            or_(Conversation.claimed_until.is_(None), Conversation.claimed_until < now),
+        )
+        .execution_options(**_BULK)
+    )
+    return result.rowcount == 1

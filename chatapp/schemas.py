@@ -1,5 +1,10 @@
-"""Marshmallow schemas: the chat request as validated, the chat response as sent."""
+"""Marshmallow schemas: requests as validated, responses as sent."""
+import base64
+import binascii
+import json
 import re
+import uuid
+from datetime import datetime
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
@@ -58,7 +63,7 @@ class ChatRequestSchema(Schema):
     model = fields.String(load_default=None, allow_none=True, validate=[validate.Length(min=1, max=255), validate_text])
     request_id = fields.String(load_default=None, allow_none=True, validate=validate_idempotency_key)
 
-    def __init__(self, *, default_model: str, allowed_models=None, **kwargs):
+    def __init__(self, *, default_model: str | None = None, allowed_models=None, **kwargs):
         super().__init__(**kwargs)
         self.default_model = default_model
         self.allowed_models = allowed_models
@@ -87,10 +92,95 @@ class PathUserSchema(Schema):
 class ChatResponseSchema(Schema):
     """The answer to a chat turn."""
 
-    conversation_id = fields.String()
-    message = fields.String()
-    role = fields.String()
-    created_at = fields.DateTime(format="iso")
-    usage = fields.Dict(allow_none=True)
-    message_id = fields.String()
-    model = fields.String()
+    conversation_id = fields.String(required=True)
+    message = fields.String(required=True)
+    role = fields.String(required=True)
+    created_at = fields.DateTime(format="iso", required=True)
+    usage = fields.Dict(allow_none=True, required=True)
+    message_id = fields.String(required=True)
+    model = fields.String(required=True)
+
+
+class Cursor(fields.Field):
+    """An opaque position in the conversation list: (updated_at, id), URL-safe base64 JSON."""
+
+    default_error_messages = {"invalid": "Not a valid cursor."}
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if value is None:
+            return None
+        updated_at, conversation_id = value
+        raw = json.dumps([updated_at.isoformat(), str(conversation_id)]).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str) or len(value) > 256:
+            raise self.make_error("invalid")
+        try:
+            padded = value + "=" * (-len(value) % 4)
+            updated_at, conversation_id = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+            position = datetime.fromisoformat(updated_at), uuid.UUID(conversation_id)
+        except (ValueError, TypeError, UnicodeError, binascii.Error):
+            raise self.make_error("invalid") from None
+        if position[0].tzinfo is None:
+            raise self.make_error("invalid")
+        return position
+
+
+class QuerySchema(Schema):
+    """Query parameters: unknown ones are rejected by name, like unknown body fields."""
+
+    class Meta:
+        unknown = RAISE
+
+
+class ConversationListQuerySchema(QuerySchema):
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+    before = Cursor(load_default=None, metadata={"description": "next_cursor of the previous page"})
+
+
+class MessageListQuerySchema(QuerySchema):
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
+    before = fields.Integer(
+        load_default=None, validate=validate.Range(min=1), metadata={"description": "first seq of the previous page"}
+    )
+
+
+class ConversationSchema(Schema):
+    """A conversation as the history endpoints show it."""
+
+    conversation_id = fields.UUID(attribute="id", required=True)
+    title = fields.String(required=True)
+    created_at = fields.DateTime(format="iso", required=True)
+    updated_at = fields.DateTime(format="iso", required=True)
+    message_count = fields.Integer(required=True)
+
+
+class ConversationListSchema(Schema):
+    conversations = fields.List(fields.Nested(ConversationSchema), required=True)
+    next_cursor = Cursor(attribute="next_position", allow_none=True, required=True)
+
+
+class MessageSchema(Schema):
+    message_id = fields.UUID(attribute="id", required=True)
+    seq = fields.Integer(required=True)
+    role = fields.String(required=True)
+    content = fields.String(required=True)
+    created_at = fields.DateTime(format="iso", required=True)
+
+
+class MessageListSchema(Schema):
+    conversation_id = fields.UUID(required=True)
+    messages = fields.List(fields.Nested(MessageSchema), required=True)
+    has_more = fields.Boolean(required=True)
+
+
+class ErrorSchema(Schema):
+    """Every error body."""
+
+    detail = fields.String(required=True)
+    code = fields.String(required=True)
+    request_id = fields.String(required=True)
+    errors = fields.Dict(
+        keys=fields.String(), values=fields.Raw(), metadata={"description": "per field, on 400 from validation"}
+    )

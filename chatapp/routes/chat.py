@@ -1,17 +1,19 @@
 """POST /api/<user_id>/chat: the five steps of the contract, in order."""
 from flask import Blueprint, Response, current_app, g, request
 
+from chatapp import errors
 from chatapp.auth import authenticate
 from chatapp.chat_service import ChatTurn, TurnResult, send_message
-from chatapp.routes.body import json_body
-from chatapp.schemas import ChatRequestSchema, ChatResponseSchema, PathUserSchema, idempotency_key
+from chatapp.openapi import documented
+from chatapp.routes.inputs import check_user_id, json_body
+from chatapp.schemas import ChatRequestSchema, ChatResponseSchema, idempotency_key
 
 bp = Blueprint("chat", __name__)
 
 
 def load_chat_request(user_id: str) -> dict:
     """Step 1: the path's user id, the JSON body and the idempotency key, validated."""
-    PathUserSchema().load({"user_id": user_id})
+    check_user_id(user_id)
     schema = ChatRequestSchema(
         default_model=current_app.config["DEFAULT_MODEL"], allowed_models=current_app.config["ALLOWED_MODELS"]
     )
@@ -33,6 +35,21 @@ def chat_response(result: TurnResult) -> Response:
 
 
 @bp.post("/api/<user_id>/chat")
+@documented(
+    summary="Send a message; the agent's answer",
+    body=ChatRequestSchema,
+    response=ChatResponseSchema,
+    errors=(
+        errors.PayloadTooLarge,
+        errors.ConversationNotFound,
+        errors.ConversationBusy,
+        errors.IdempotencyInProgress,
+        errors.IdempotencyKeyReused,
+        errors.AgentUnavailable,
+    ),
+    headers=(("Idempotency-Key", "Makes retries safe (same as request_id)"), ("X-Request-ID", "Traced through to the agent")),
+    tags=("chat",),
+)
 def chat(user_id: str):
     """One chat turn."""
     chat_request = load_chat_request(user_id)  # 1. validate

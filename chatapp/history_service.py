@@ -1,0 +1,60 @@
+"""Reading and deleting a user's history (contract section 9): steps 3 and 5 of the read endpoints."""
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from chatapp import queries
+from chatapp.chat_service import parse_conversation_id
+from chatapp.errors import ConversationBusy, ConversationNotFound
+from chatapp.extensions import db
+from chatapp.models import utcnow
+
+
+@dataclass(frozen=True)
+class ConversationPage:
+    """A page of conversations, and where the next one starts (None: this is the last)."""
+
+    conversations: list[queries.ConversationSummary]
+    next_position: tuple[datetime, uuid.UUID] | None
+
+
+@dataclass(frozen=True)
+class MessagePage:
+    """A page of one conversation's messages, oldest first."""
+
+    conversation_id: uuid.UUID
+    messages: list[queries.StoredMessage]
+    has_more: bool
+
+
+def list_conversations(user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None) -> ConversationPage:
+    """The user's conversations, most recently active first, `limit` at a time."""
+    rows = queries.list_conversations(user_id, limit + 1, after)  # one more tells whether a next page exists
+    page = rows[:limit]
+    next_position = (page[-1].updated_at, page[-1].id) if len(rows) > limit else None
+    return ConversationPage(page, next_position)
+
+
+def get_conversation(user_id: str, conversation_id: str) -> queries.ConversationSummary:
+    """The user's conversation; 404 for any id that is not one."""
+    summary = queries.find_conversation_summary(user_id, parse_conversation_id(conversation_id))
+    if summary is None:
+        raise ConversationNotFound()
+    return summary
+
+
+def list_messages(user_id: str, conversation_id: str, limit: int, before_seq: int | None) -> MessagePage:
+    """The `limit` messages just before `before_seq` (the latest when None), oldest first."""
+    conversation = get_conversation(user_id, conversation_id)
+    rows = queries.list_messages(conversation.id, limit + 1, before_seq)
+    return MessagePage(conversation.id, list(reversed(rows[:limit])), has_more=len(rows) > limit)
+
+
+def delete_conversation(user_id: str, conversation_id: str) -> None:
+    """Delete the conversation with its messages and idempotency keys; 409 while a turn holds it."""
+    parsed_id = parse_conversation_id(conversation_id)
+    if not queries.delete_conversation(user_id, parsed_id, utcnow()):
+        if queries.conversation_exists(user_id, parsed_id):
+            raise ConversationBusy()
+        raise ConversationNotFound()
+    db.session.commit()

@@ -1,0 +1,75 @@
+"""The user's history (contract section 9): list, read and delete conversations."""
+from flask import Blueprint
+
+from chatapp import errors, history_service
+from chatapp.auth import authenticate
+from chatapp.openapi import documented
+from chatapp.routes.inputs import check_user_id, query_params
+from chatapp.schemas import (
+    ConversationListQuerySchema,
+    ConversationListSchema,
+    ConversationSchema,
+    MessageListQuerySchema,
+    MessageListSchema,
+)
+
+bp = Blueprint("conversations", __name__, url_prefix="/api/<user_id>/conversations")
+
+
+@bp.get("")
+@documented(
+    summary="The user's conversations, most recently active first",
+    query=ConversationListQuerySchema,
+    response=ConversationListSchema,
+    tags=("history",),
+)
+def list_conversations(user_id: str):
+    check_user_id(user_id)
+    query = query_params(ConversationListQuerySchema())  # 1. validate
+    authenticate(user_id)  # 2. authenticate
+    page = history_service.list_conversations(user_id, query["limit"], query["before"])  # 3. read
+    return ConversationListSchema().dump(page)  # 5. return
+
+
+@bp.get("/<conversation_id>")
+@documented(
+    summary="One conversation",
+    response=ConversationSchema,
+    errors=(errors.ConversationNotFound,),
+    tags=("history",),
+)
+def get_conversation(user_id: str, conversation_id: str):
+    check_user_id(user_id)  # 1. validate
+    authenticate(user_id)  # 2. authenticate
+    conversation = history_service.get_conversation(user_id, conversation_id)  # 3. resolve
+    return ConversationSchema().dump(conversation)  # 5. return
+
+
+@bp.get("/<conversation_id>/messages")
+@documented(
+    summary="A page of a conversation's messages, oldest first",
+    query=MessageListQuerySchema,
+    response=MessageListSchema,
+    errors=(errors.ConversationNotFound,),
+    tags=("history",),
+)
+def list_messages(user_id: str, conversation_id: str):
+    check_user_id(user_id)
+    query = query_params(MessageListQuerySchema())  # 1. validate
+    authenticate(user_id)  # 2. authenticate
+    page = history_service.list_messages(user_id, conversation_id, query["limit"], query["before"])  # 3. read
+    return MessageListSchema().dump(page)  # 5. return
+
+
+@bp.delete("/<conversation_id>")
+@documented(
+    summary="Delete a conversation, its messages and its idempotency keys",
+    status=204,
+    errors=(errors.ConversationNotFound, errors.ConversationBusy),
+    tags=("history",),
+)
+def delete_conversation(user_id: str, conversation_id: str):
+    check_user_id(user_id)  # 1. validate
+    authenticate(user_id)  # 2. authenticate
+    history_service.delete_conversation(user_id, conversation_id)  # 3. resolve, 4. delete
+    return "", 204  # 5. return
