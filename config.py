@@ -1,6 +1,8 @@
 """Configuration classes, built from the environment when instantiated (so tests can set variables)."""
 import os
 
+from limits import parse as parse_rate_limit
+
 # Used only by DevelopmentConfig and TestingConfig; production refuses to start without its own key.
 _DEV_ONLY_SECRET = "chatapp-development-secret-not-for-production"
 _MIN_SECRET_BYTES = 32
@@ -83,6 +85,9 @@ class Config:
         self.CONTEXT_MAX_MESSAGES = _env_int("CONTEXT_MAX_MESSAGES", 50)
         self.CONTEXT_MAX_CHARS = _env_int("CONTEXT_MAX_CHARS", 100000)
         self.MAX_CONTENT_LENGTH = _env_int("MAX_CONTENT_LENGTH", 262144)
+        self.RATE_LIMIT = _env("RATE_LIMIT", "60 per minute")
+        self.REDIS_URL = _env("REDIS_URL")
+        self.CORS_ORIGINS = _env_list("CORS_ORIGINS")
         self.IDEMPOTENCY_TTL = _env_int("IDEMPOTENCY_TTL", 86400)
         # A turn holds its conversation and key for AGENT_TIMEOUT plus this; then it is presumed dead.
         self.TURN_HOLD_MARGIN = _env_float("TURN_HOLD_MARGIN", 15.0)
@@ -104,6 +109,10 @@ class Config:
         for name in ("AGENT_MAX_RETRIES", "CONTEXT_MAX_MESSAGES", "CONTEXT_MAX_CHARS"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        try:
+            parse_rate_limit(self.RATE_LIMIT)
+        except ValueError:
+            raise ConfigError(f"RATE_LIMIT must read like '60 per minute', got {self.RATE_LIMIT!r}") from None
         if self.ALLOWED_MODELS and self.DEFAULT_MODEL not in self.ALLOWED_MODELS:
             raise ConfigError("DEFAULT_MODEL is not one of ALLOWED_MODELS")
 

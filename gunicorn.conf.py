@@ -1,5 +1,6 @@
 """gunicorn settings, from the environment (PORT, WEB_CONCURRENCY, GUNICORN_THREADS, AGENT_TIMEOUT)."""
 import os
+import tempfile
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -9,9 +10,32 @@ threads = int(os.environ.get("GUNICORN_THREADS", "32"))
 # Under gthread `timeout` is a heartbeat, not a request limit; AGENT_TIMEOUT is what bounds a turn.
 # Keep it well above AGENT_TIMEOUT so that a busy worker is never killed mid-turn.
 timeout = int(float(os.environ.get("AGENT_TIMEOUT", "30"))) + 30
+# On SIGTERM, turns in flight get this long to finish and be stored.
 graceful_timeout = int(float(os.environ.get("AGENT_TIMEOUT", "30"))) + 10
 keepalive = 5
-accesslog = "-"
+# The app writes one JSON line per request itself; gunicorn's access log would repeat it as text.
+accesslog = None
 errorlog = "-"
 # No runtime control socket: one per user by default, so two servers on a host would fight over it.
 control_socket_disable = True
+
+# Prometheus multiprocess mode: every worker writes its metrics to files that /metrics sums.
+# Set before the workers import the app (prometheus_client reads it at import).
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="chatapp-metrics-")
+
+
+def on_starting(server):
+    """Start from empty metric files: old ones would count a previous run."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if name.endswith(".db"):
+            os.remove(os.path.join(directory, name))
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (turns in flight) must stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

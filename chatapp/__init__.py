@@ -2,8 +2,9 @@
 import os
 
 from flask import Flask
+from flask_cors import CORS
 
-from chatapp import agent_client, cli, errors, log_config, request_ids
+from chatapp import agent_client, cli, errors, log_config, metrics, rate_limit, request_ids
 from chatapp.auth import register_jwt_loaders
 from chatapp.extensions import db, jwt, migrate
 from chatapp.routes import chat, conversations, docs, health
@@ -24,6 +25,8 @@ def create_app(config: Config | None = None) -> Flask:
 
     log_config.configure_logging(app)
     request_ids.register_request_ids(app)
+    log_config.register_request_log(app)
+    metrics.register_metrics(app)
     register_extensions(app)
     errors.register_error_handlers(app)
     register_blueprints(app)
@@ -44,6 +47,15 @@ def register_extensions(app: Flask) -> None:
     migrate.init_app(app, db, directory=MIGRATIONS_DIR)
     jwt.init_app(app)
     register_jwt_loaders(jwt)
+    rate_limit.register_rate_limit(app)
+    if app.config["CORS_ORIGINS"]:
+        CORS(
+            app,
+            origins=app.config["CORS_ORIGINS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed", "WWW-Authenticate"],
+            max_age=600,
+        )
 
 
 def register_blueprints(app: Flask) -> None:

@@ -123,7 +123,7 @@ class OpenAIChatAgent:
                     continue
                 log.warning("agent call failed: %s, attempt %d, giving up",
                             failure.kind, attempt, extra={"request_id": request_id})
-                raise _unavailable(failure) from None
+                raise _unavailable(failure, attempt) from None
 
     def _attempt(self, body: bytes, headers: dict, deadline: float) -> tuple[str, dict | None]:
         """One POST: the content and usage of a good answer, else _AttemptFailed."""
@@ -290,8 +290,8 @@ def _storable_json(value) -> bool:
         return False
 
 
-def _unavailable(failure: _AttemptFailed) -> AgentUnavailable:
+def _unavailable(failure: _AttemptFailed, attempts: int) -> AgentUnavailable:
     """The error the client sees: our words only, and the agent's Retry-After when it sent one."""
     retry_after = 1 if failure.retry_after is None else min(failure.retry_after, MAX_RETRY_AFTER)
     detail = _DETAILS["http" if failure.kind.startswith("http_") else failure.kind]
-    return AgentUnavailable(detail, retry_after=retry_after)
+    return AgentUnavailable(detail, retry_after=retry_after, kind=failure.kind, attempts=attempts)

@@ -1,6 +1,7 @@
 """Steps 3 and 4 of a chat turn, behind the idempotency key: resolve and claim the conversation,
 call the agent, store the turn atomically."""
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,9 +10,9 @@ from datetime import datetime, timedelta
 from flask import current_app
 from sqlalchemy.exc import IntegrityError
 
-from chatapp import idempotency, queries
-from chatapp.agent_client import AgentRunner
-from chatapp.errors import ConversationBusy, ConversationNotFound
+from chatapp import idempotency, metrics, queries
+from chatapp.agent_client import AgentReply, AgentRunner
+from chatapp.errors import AgentUnavailable, ConversationBusy, ConversationNotFound
 from chatapp.extensions import db
 from chatapp.models import TITLE_LENGTH, Conversation, Message, utcnow
 
@@ -33,10 +34,13 @@ class ChatTurn:
 
 @dataclass(frozen=True)
 class TurnResult:
-    """The response body of a turn, and whether it is the replay of an earlier run."""
+    """The response body of a turn, whether it replays an earlier run, and what the log needs."""
 
     body: str
     replayed: bool
+    conversation_id: str | None = None
+    agent_ms: float | None = None
+    agent_attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,11 +125,23 @@ def send_message(
     conversation = None
     try:
         conversation = claim_conversation(user_id, chat_request["conversation_id"])
-        body = run_turn(user_id, chat_request, conversation, key_claim, agent, render, request_id)
+        return run_turn(user_id, chat_request, conversation, key_claim, agent, render, request_id)
     except BaseException:
         release_claims(conversation, key_claim)
         raise
-    return TurnResult(body, replayed=False)
+
+
+def call_agent(agent: AgentRunner, context: list[dict], model: str, request_id: str | None) -> tuple[AgentReply, float]:
+    """The agent's reply and the milliseconds it took; its duration and outcome go to metrics."""
+    started = time.perf_counter()
+    try:
+        reply = agent.run(context, model, request_id=request_id)
+    except AgentUnavailable as error:
+        error.agent_ms = round((time.perf_counter() - started) * 1000, 1)
+        metrics.observe_agent_call(time.perf_counter() - started, error.kind)
+        raise
+    metrics.observe_agent_call(time.perf_counter() - started, None)
+    return reply, round((time.perf_counter() - started) * 1000, 1)
 
 
 def run_turn(
@@ -136,7 +152,7 @@ def run_turn(
     agent: AgentRunner,
     render: Callable[[ChatTurn], str],
     request_id: str | None,
-) -> str:
+) -> TurnResult:
     """Step 4: read the history, release the connection while the agent works, then store the
     conversation (if new), both messages and the idempotency record in one short transaction."""
     config = current_app.config
@@ -148,7 +164,7 @@ def run_turn(
     # Commit the claim and end the transaction: a slow agent must not hold a pooled connection.
     db.session.commit()
 
-    reply = agent.run(build_context(history, user_message), model, request_id=request_id)
+    reply, agent_ms = call_agent(agent, build_context(history, user_message), model, request_id)
 
     answered_at = utcnow()
     if conversation is None:
@@ -207,7 +223,7 @@ def run_turn(
     if key_claim is not None:
         idempotency.complete_key(key_claim, body, conversation_id)
     db.session.commit()
-    return body
+    return TurnResult(body, False, str(conversation_id), agent_ms, reply.attempts)
 
 
 def release_claims(conversation: ClaimedConversation | None, key_claim: idempotency.KeyClaim | None) -> None:

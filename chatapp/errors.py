@@ -95,10 +95,21 @@ class IdempotencyKeyReused(ApiError):
 
 
 class AgentUnavailable(ApiError):
-    """The agent failed; `detail` is ours, never the agent's URL, key or body."""
+    """The agent failed; `detail` is ours, never the agent's URL, key or body. `kind` (timeout,
+    connection, http_<status>, malformed, too_large) and `attempts` are for logs and metrics."""
 
     status, code, detail = 503, "agent_unavailable", "The agent is unavailable, try again later"
     retry_after = 1
+
+    def __init__(self, detail=None, *, kind="unavailable", attempts=0, **kwargs):
+        super().__init__(detail, **kwargs)
+        self.kind = kind
+        self.attempts = attempts
+        self.agent_ms = None  # set by whoever timed the call
+
+    @property
+    def log_fields(self) -> dict:
+        return {"agent_kind": self.kind, "agent_attempts": self.attempts, "agent_ms": self.agent_ms}
 
 
 class ServiceUnavailable(ApiError):
@@ -117,6 +128,8 @@ def current_request_id() -> str:
 
 def error_response(error: ApiError) -> Response:
     """The contract's JSON error body with the error's status and headers."""
+    # The request's log line says how it failed (see log_config.note).
+    g.setdefault("log_fields", {}).update(error=error.code, **getattr(error, "log_fields", {}))
     body = {"detail": error.detail, "code": error.code, "request_id": current_request_id()}
     if error.errors is not None:
         body["errors"] = error.errors

@@ -2,9 +2,12 @@
 import json
 import logging
 import sys
+import time
 from datetime import datetime, timezone
 
-from flask import Flask, g, has_app_context
+from flask import Flask, g, has_app_context, request
+
+request_log = logging.getLogger("chatapp.request")
 
 
 class RequestIdFilter(logging.Filter):
@@ -27,6 +30,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": record.request_id,
         }
+        entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -44,3 +48,27 @@ def configure_logging(app: Flask) -> None:
     root.handlers[:] = [handler]
     root.setLevel(app.config["LOG_LEVEL"])
     root.propagate = app.testing  # lets pytest's caplog see records in tests
+
+
+def note(**fields) -> None:
+    """Add fields to this request's log line (user_id, conversation_id, agent_ms, ...)."""
+    g.setdefault("log_fields", {}).update(fields)
+
+
+def log_request(response):
+    """One line per request: what was asked, how it ended, how long it took. Never a token, a
+    message's content or the agent's key: only the fields noted by the views and error handler."""
+    fields = {
+        "method": request.method,
+        "path": request.path,
+        "status": response.status_code,
+        "duration_ms": round((time.perf_counter() - g.request_started) * 1000, 1),
+        **g.get("log_fields", {}),
+    }
+    summary = " ".join(f"{name}={value}" for name, value in fields.items() if name not in ("method", "path"))
+    request_log.info("%s %s %s", request.method, request.path, summary, extra={"fields": fields})
+    return response
+
+
+def register_request_log(app: Flask) -> None:
+    app.after_request(log_request)

@@ -1,5 +1,6 @@
 """X-Request-ID: the client's when sane, else a new one; echoed on every response."""
 import re
+import time
 import uuid
 
 from flask import Flask, g, request
@@ -11,7 +12,9 @@ _SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def assign_request_id() -> None:
-    """Adopt the client's X-Request-ID when it is 1 to 128 visible ASCII characters."""
+    """Adopt the client's X-Request-ID when it is 1 to 128 visible ASCII characters; note when
+    the request started (for its log line and metrics)."""
+    g.request_started = time.perf_counter()
     client_id = request.headers.get(REQUEST_ID_HEADER, "")
     g.request_id = client_id if _SANE_REQUEST_ID.fullmatch(client_id) else uuid.uuid4().hex
 

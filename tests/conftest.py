@@ -22,20 +22,27 @@ DATABASES = ["sqlite", "postgresql"]
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--require-postgres",
+        "--require-services",
         action="store_true",
-        help="fail, instead of skipping, the PostgreSQL half of the suite when TEST_DATABASE_URL is unusable",
+        help="fail, instead of skipping, what needs PostgreSQL (TEST_DATABASE_URL), Redis (TEST_REDIS_URL) "
+        "or the PostgreSQL server binaries when they are unusable",
     )
 
 
 def pytest_report_header(config):
-    url = os.environ.get("TEST_DATABASE_URL")
-    return f"databases: sqlite, postgresql ({'TEST_DATABASE_URL set' if url else 'skipped: TEST_DATABASE_URL unset'})"
+    postgres = "TEST_DATABASE_URL set" if os.environ.get("TEST_DATABASE_URL") else "skipped: TEST_DATABASE_URL unset"
+    redis = "TEST_REDIS_URL set" if os.environ.get("TEST_REDIS_URL") else "skipped: TEST_REDIS_URL unset"
+    return f"databases: sqlite, postgresql ({postgres}); redis ({redis})"
+
+
+def make_app(**settings):
+    """An app with the testing config (and the test secret), as the `app` fixture builds it."""
+    return create_app(TestingConfig(**{"JWT_SECRET_KEY": TEST_SECRET, **settings}))
 
 
 def _migrate(url):
     """Build the schema with the project's migrations, as `flask db upgrade` does."""
-    app = create_app(TestingConfig(SQLALCHEMY_DATABASE_URI=url, JWT_SECRET_KEY=TEST_SECRET))
+    app = make_app(SQLALCHEMY_DATABASE_URI=url)
     with app.app_context():
         _db.drop_all()
         with _db.engine.begin() as connection:
@@ -54,7 +61,7 @@ def sqlite_template(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres_url(request):
-    """The migrated PostgreSQL database, or a skip (a failure with --require-postgres)."""
+    """The migrated PostgreSQL database, or a skip (a failure with --require-services)."""
     url = os.environ.get("TEST_DATABASE_URL")
     reason = "PostgreSQL skipped: TEST_DATABASE_URL is not set"
     if url:
@@ -68,9 +75,30 @@ def postgres_url(request):
             return url
         except Exception as exc:  # unreachable server: say so, then skip or fail
             reason = f"PostgreSQL skipped: cannot use TEST_DATABASE_URL ({type(exc).__name__})"
-    if request.config.getoption("--require-postgres"):
+    skip_or_fail(request, reason)
+
+
+def skip_or_fail(request, reason):
+    """Skip a test whose service is missing, or fail it when the run requires every service."""
+    if request.config.getoption("--require-services"):
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_url(request):
+    """A reachable Redis (TEST_REDIS_URL), or a skip (a failure with --require-services)."""
+    import redis
+
+    url = os.environ.get("TEST_REDIS_URL")
+    if not url:
+        skip_or_fail(request, "Redis skipped: TEST_REDIS_URL is not set")
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=1) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        skip_or_fail(request, f"Redis skipped: cannot reach TEST_REDIS_URL ({type(exc).__name__})")
+    return url
 
 
 @pytest.fixture(params=DATABASES)
@@ -105,14 +133,8 @@ def config_overrides():
 
 @pytest.fixture
 def app(database_uri, agent_server, config_overrides):
-    settings = {
-        "SQLALCHEMY_DATABASE_URI": database_uri,
-        "JWT_SECRET_KEY": TEST_SECRET,
-        "AGENT_URL": agent_server.url,
-        "AGENT_MAX_RETRIES": 1,
-        **config_overrides,
-    }
-    app = create_app(TestingConfig(**settings))
+    settings = {"SQLALCHEMY_DATABASE_URI": database_uri, "AGENT_URL": agent_server.url, "AGENT_MAX_RETRIES": 1}
+    app = make_app(**{**settings, **config_overrides})
     yield app
     with app.app_context():
         _db.session.remove()

@@ -23,7 +23,7 @@ def free_port() -> int:
 class LiveServer:
     """`gunicorn wsgi:app --config gunicorn.conf.py` in a subprocess, bound to 127.0.0.1 only."""
 
-    def __init__(self, env: dict, workers: int = 1, threads: int = 8):
+    def __init__(self, env: dict, workers: int = 1, threads: int = 8, extra_args: tuple = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -33,8 +33,10 @@ class LiveServer:
             "GUNICORN_THREADS": str(threads),
             **env,
         }
+        self.extra_args = list(extra_args)
         self.process = None
         self.log = None
+        self.output = ""  # what gunicorn printed, once stopped
 
     def run_release(self) -> subprocess.CompletedProcess:
         """The Procfile's release line: `flask --app wsgi db upgrade`."""
@@ -48,7 +50,7 @@ class LiveServer:
         self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             # --bind overrides the config's 0.0.0.0 so that the test listens on loopback only.
-            [str(BIN / "gunicorn"), "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"],
+            [str(BIN / "gunicorn"), "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}", *self.extra_args],
             cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + 30
@@ -56,15 +58,15 @@ class LiveServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.stop()}")
             try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if requests.get(self.url + "/healthz", timeout=5).status_code == 200:
                     return self
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the worker still booting
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError("gunicorn did not become ready in 30 s")
 
     def stop(self) -> str:
-        """Stop gunicorn; its output."""
+        """Stop gunicorn (SIGTERM: a graceful shutdown); its output."""
         if self.process is None:
             return ""
         if self.process.poll() is None:
@@ -75,10 +77,10 @@ class LiveServer:
                 self.process.kill()
                 self.process.wait()
         self.log.seek(0)
-        output = self.log.read()
+        self.output = self.log.read()
         self.log.close()
         self.process = None
-        return output
+        return self.output
 
     def __enter__(self):
         return self.start()

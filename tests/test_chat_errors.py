@@ -9,7 +9,7 @@ import jwt as pyjwt
 import pytest
 
 from tests.agent_server import Raw, Reply
-from tests.conftest import TEST_SECRET
+from tests.conftest import TEST_SECRET, make_app
 from tests.test_chat_api import assert_error
 
 UNKNOWN_ID = "5b0b6c1e-2f4e-4a53-9d1a-8f0c3c1f2b7e"
@@ -279,10 +279,7 @@ UNREACHABLE_DATABASES = {
 @pytest.mark.parametrize("url", UNREACHABLE_DATABASES.values(), ids=UNREACHABLE_DATABASES.keys())
 @pytest.mark.parametrize("path, body", [("/api/alice/chat", {"message": "hi"}), ("/readyz", None)])
 def test_database_unreachable(agent_server, auth, url, path, body):
-    from chatapp import create_app
-    from config import TestingConfig
-
-    app = create_app(TestingConfig(SQLALCHEMY_DATABASE_URI=url, JWT_SECRET_KEY=TEST_SECRET, AGENT_URL=agent_server.url))
+    app = make_app(SQLALCHEMY_DATABASE_URI=url, AGENT_URL=agent_server.url)
     client = app.test_client()
     response = client.post(path, json=body, headers=auth.headers()) if body else client.get(path)
     assert_error(response, 503, "service_unavailable")

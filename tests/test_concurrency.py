@@ -24,6 +24,7 @@ def live_env(database_uri, agent_server):
         "AGENT_TIMEOUT": "10",
         "AGENT_MAX_RETRIES": "0",
         "LOG_LEVEL": "WARNING",
+        "RATE_LIMIT": "100000 per minute",  # these tests are one user's flood on purpose
     }
 
 
@@ -34,18 +35,27 @@ def two_servers(live_env):
         yield first, second
 
 
-def post_all_at_once(calls):
-    """Run (url, json, headers) posts concurrently, released together by a barrier."""
+def post_all_at_once(calls, agent_server):
+    """Run (url, json, headers) posts concurrently, released together by a barrier. The agent
+    holds every call until all posts but one have been answered: then the outcome cannot depend
+    on timing, only on whether more than one post got through to the agent."""
     barrier = threading.Barrier(len(calls))
+    all_but_one_answered = threading.Event()
+    agent_server.on_request = lambda _request: all_but_one_answered.wait(15)
 
     def post(call):
         url, body, headers = call
         with requests.Session() as session:
             barrier.wait(timeout=10)
-            return session.post(url, json=body, headers=headers, timeout=20)
+            return session.post(url, json=body, headers=headers, timeout=30)
 
     with ThreadPoolExecutor(len(calls)) as pool:
-        return list(pool.map(post, calls))
+        futures = [pool.submit(post, call) for call in calls]
+        deadline = time.monotonic() + 15
+        while sum(future.done() for future in futures) < len(calls) - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        all_but_one_answered.set()
+        return [future.result() for future in futures]
 
 
 def codes(responses):
@@ -53,22 +63,21 @@ def codes(responses):
 
 
 def test_same_key_from_many_threads_calls_the_agent_once(live_env, agent_server):
-    agent_server.default = Echo(delay=0.5)
     headers = {**AuthActions().headers(), "Idempotency-Key": "once"}
     with LiveServer(live_env, threads=16) as server:
-        responses = post_all_at_once([(f"{server.url}/api/alice/chat", {"message": "hi"}, headers)] * 8)
+        responses = post_all_at_once([(f"{server.url}/api/alice/chat", {"message": "hi"}, headers)] * 8, agent_server)
     assert codes(responses) == [(200, "ok")] + [(409, "idempotency_in_progress")] * 7
     assert len(agent_server.requests) == 1
 
 
 def test_same_key_sent_to_two_processes_calls_the_agent_once(two_servers, agent_server):
-    agent_server.default = Echo(delay=0.5)
     headers = {**AuthActions().headers(), "Idempotency-Key": "once"}
-    responses = post_all_at_once([(f"{server.url}/api/alice/chat", {"message": "hi"}, headers) for server in two_servers])
+    responses = post_all_at_once([(f"{server.url}/api/alice/chat", {"message": "hi"}, headers) for server in two_servers], agent_server)
     assert codes(responses) == [(200, "ok"), (409, "idempotency_in_progress")]
     assert len(agent_server.requests) == 1
 
     # Once finished, either process replays it.
+    agent_server.on_request = None
     for server in two_servers:
         replay = requests.post(f"{server.url}/api/alice/chat", json={"message": "hi"}, headers=headers, timeout=10)
         assert replay.headers["Idempotent-Replayed"] == "true"
@@ -80,10 +89,10 @@ def test_two_turns_on_one_conversation_in_two_processes(two_servers, agent_serve
     headers = AuthActions().headers()
     first, second = two_servers
     conversation_id = requests.post(f"{first.url}/api/alice/chat", json={"message": "start"}, headers=headers, timeout=10).json()["conversation_id"]
-    agent_server.default = Echo(delay=0.5)
 
     responses = post_all_at_once(
-        [(f"{server.url}/api/alice/chat", {"message": f"via {index}", "conversation_id": conversation_id}, headers) for index, server in enumerate(two_servers)]
+        [(f"{server.url}/api/alice/chat", {"message": f"via {index}", "conversation_id": conversation_id}, headers) for index, server in enumerate(two_servers)],
+        agent_server,
     )
 
     assert codes(responses) == [(200, "ok"), (409, "conversation_busy")]

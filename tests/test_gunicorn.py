@@ -9,6 +9,8 @@ from tests.live_server import ROOT, LiveServer
 
 
 def load_gunicorn_conf(monkeypatch, **env):
+    # The file sets PROMETHEUS_MULTIPROC_DIR when unset; keep that out of this test process.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent-metrics-dir")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     spec = importlib.util.spec_from_file_location("gunicorn_conf", ROOT / "gunicorn.conf.py")
@@ -31,6 +33,7 @@ def test_gunicorn_conf_defaults(monkeypatch):
     assert (conf.bind, conf.workers, conf.threads) == ("0.0.0.0:8000", 2, 32)
     assert conf.timeout > 30
     assert conf.control_socket_disable is True
+    assert conf.accesslog is None and conf.errorlog == "-"
 
 
 def test_procfile_lines():

@@ -4,7 +4,10 @@ from flask import Blueprint, Response, current_app, g, request
 from chatapp import errors
 from chatapp.auth import authenticate
 from chatapp.chat_service import ChatTurn, TurnResult, send_message
+from chatapp.log_config import note
+from chatapp.metrics import TURNS_IN_FLIGHT
 from chatapp.openapi import documented
+from chatapp.rate_limit import enforce_rate_limit
 from chatapp.routes.inputs import check_user_id, json_body
 from chatapp.schemas import ChatRequestSchema, ChatResponseSchema, idempotency_key
 
@@ -41,6 +44,7 @@ def chat_response(result: TurnResult) -> Response:
     response=ChatResponseSchema,
     errors=(
         errors.PayloadTooLarge,
+        errors.RateLimited,
         errors.ConversationNotFound,
         errors.ConversationBusy,
         errors.IdempotencyInProgress,
@@ -53,8 +57,12 @@ def chat_response(result: TurnResult) -> Response:
 def chat(user_id: str):
     """One chat turn."""
     chat_request = load_chat_request(user_id)  # 1. validate
-    authenticate(user_id)  # 2. authenticate
-    result = send_message(  # then the idempotency key; 3. resolve the conversation; 4. execute the agent, store
-        user_id, chat_request, current_app.extensions["chat_agent"], render_chat_response, request_id=g.request_id
-    )
+    authenticate(user_id)  # 2. authenticate,
+    note(user_id=user_id, conversation_id=chat_request["conversation_id"])
+    enforce_rate_limit(user_id)  # then the rate limit (and, in the service, the idempotency key)
+    with TURNS_IN_FLIGHT.track_inprogress():
+        result = send_message(  # 3. resolve the conversation; 4. execute the agent, store the turn
+            user_id, chat_request, current_app.extensions["chat_agent"], render_chat_response, request_id=g.request_id
+        )
+    note(conversation_id=result.conversation_id, agent_ms=result.agent_ms, agent_attempts=result.agent_attempts, replayed=result.replayed)
     return chat_response(result)  # 5. return

@@ -1,0 +1,172 @@
+"""Production readiness: rate limits, request logs, metrics, CORS (in process)."""
+import json
+import re
+import time
+import uuid
+
+import pytest
+
+from chatapp.extensions import db
+from chatapp.log_config import JsonFormatter
+from tests.agent_server import Hang, Raw
+from tests.conftest import Chat, make_app
+from tests.test_chat_api import assert_error
+
+
+@pytest.mark.parametrize("config_overrides", [{"RATE_LIMIT": "3 per minute"}])
+def test_rate_limit_per_user(chat, agent_server, store):
+    for n in range(3):
+        chat.turn(f"hi {n}")
+    response = chat.post({"message": "one too many"})
+
+    body = assert_error(response, 429, "rate_limited")
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert body["detail"]
+    assert len(agent_server.requests) == 3
+    assert store.counts() == (3, 6)
+    # Another user has a budget of their own.
+    assert chat.post({"message": "hi"}, user_id="bob").status_code == 200
+
+
+@pytest.mark.parametrize("config_overrides", [{"RATE_LIMIT": "3 per minute"}])
+def test_requests_failing_validation_or_authentication_use_no_quota(chat, client, auth, agent_server):
+    for _ in range(5):
+        assert chat.post({"message": ""}).status_code == 400
+        assert client.post("/api/alice/chat", json={"message": "hi"}).status_code == 401
+        assert client.post("/api/alice/chat", json={"message": "hi"}, headers=auth.headers("mallory")).status_code == 403
+    for n in range(3):
+        chat.turn(f"hi {n}")
+    assert_error(chat.post({"message": "hi"}), 429, "rate_limited")
+
+
+@pytest.fixture
+def redis_limited(redis_url):
+    return {"RATE_LIMIT": "3 per minute", "REDIS_URL": redis_url}
+
+
+def test_redis_shares_one_budget_between_processes(app, auth, redis_limited, agent_server, database_uri):
+    user_id = f"user-{uuid.uuid4().hex}"  # a fresh budget in the shared Redis
+    apps = [make_app(SQLALCHEMY_DATABASE_URI=database_uri, AGENT_URL=agent_server.url, **redis_limited) for _ in range(2)]
+    first, second = (Chat(each.test_client(), auth) for each in apps)
+    try:
+        assert [first.post({"message": "a"}, user_id=user_id).status_code for _ in range(2)] == [200, 200]
+        assert second.post({"message": "b"}, user_id=user_id).status_code == 200
+        assert_error(second.post({"message": "c"}, user_id=user_id), 429, "rate_limited")
+        assert_error(first.post({"message": "d"}, user_id=user_id), 429, "rate_limited")
+    finally:
+        for each in apps:
+            with each.app_context():
+                db.engine.dispose()
+
+
+@pytest.mark.parametrize("config_overrides", [{"RATE_LIMIT": "1 per minute", "REDIS_URL": "redis://127.0.0.1:1/0"}])
+def test_rate_limit_fails_open_when_redis_is_down(chat, agent_server, caplog):
+    started = time.monotonic()
+    assert [chat.post({"message": f"hi {n}"}).status_code for n in range(3)] == [200, 200, 200]
+    assert time.monotonic() - started < 5
+    assert any("rate limit storage unavailable" in record.getMessage() for record in caplog.records)
+
+
+def request_lines(caplog):
+    return [json.loads(JsonFormatter().format(record)) for record in caplog.records if record.name == "chatapp.request"]
+
+
+@pytest.mark.parametrize("config_overrides", [{"AGENT_API_KEY": "sk-agent-key-never-logged"}])
+def test_one_structured_log_line_per_request(chat, auth, agent_server, caplog):
+    caplog.set_level("INFO")
+    token = auth.token()
+    first = chat.post({"message": "top secret content"}, headers={"Authorization": f"Bearer {token}", "X-Request-ID": "req-1"})
+    agent_server.enqueue(Raw(status=503, body=b""), Raw(status=503, body=b""))
+    failed = chat.post({"message": "more secrets", "conversation_id": first.get_json()["conversation_id"]}, headers={"X-Request-ID": "req-2"})
+    assert failed.status_code == 503
+
+    ok, error = request_lines(caplog)
+    assert set(ok) >= {"time", "level", "request_id", "method", "path", "status", "duration_ms", "user_id", "conversation_id", "agent_ms", "agent_attempts"}
+    assert (ok["request_id"], ok["method"], ok["path"], ok["status"], ok["user_id"]) == ("req-1", "POST", "/api/alice/chat", 200, "alice")
+    assert ok["conversation_id"] == first.get_json()["conversation_id"]
+    assert ok["agent_attempts"] == 1 and ok["agent_ms"] >= 0 and ok["duration_ms"] >= ok["agent_ms"]
+    assert "error" not in ok
+    assert (error["request_id"], error["status"], error["error"], error["agent_kind"], error["agent_attempts"]) == ("req-2", 503, "agent_unavailable", "http_503", 2)
+    everything = caplog.text + json.dumps(request_lines(caplog))
+    for secret in ("top secret content", "more secrets", token, "sk-agent-key-never-logged"):
+        assert secret not in everything
+
+
+def test_errors_are_logged_with_their_code(client, caplog):
+    caplog.set_level("INFO")
+    client.get("/nowhere", headers={"X-Request-ID": "lost"})
+    [line] = request_lines(caplog)
+    assert (line["request_id"], line["status"], line["error"], line["path"]) == ("lost", 404, "not_found", "/nowhere")
+
+
+def metric(text, name, **labels):
+    """The value of one sample of the Prometheus text exposition (0 when absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.fullmatch(rf"{name}(?:{{(.*)}})? (\S+)", line)
+        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def test_metrics(app, client, chat, agent_server):
+    route = "/api/<user_id>/chat"
+    before = client.get("/metrics").get_data(as_text=True)
+    chat.turn("hi")
+    agent_server.enqueue(Raw(status=500, body=b""))
+    chat.post({"message": "fails"})
+    chat.post({"message": ""})
+    in_flight = []
+    agent_server.on_request = lambda _request: in_flight.append(metric(app.test_client().get("/metrics").get_data(as_text=True), "chatapp_turns_in_flight"))
+    chat.turn("measured while in flight")
+
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    text = response.get_data(as_text=True)
+
+    def grew(name, **labels):
+        return metric(text, name, **labels) - metric(before, name, **labels)
+
+    assert grew("chatapp_http_requests_total", method="POST", route=route, status="200") == 2
+    assert grew("chatapp_http_requests_total", method="POST", route=route, status="503") == 1
+    assert grew("chatapp_http_requests_total", method="POST", route=route, status="400") == 1
+    assert grew("chatapp_http_request_duration_seconds_count", method="POST", route=route) == 4
+    assert grew("chatapp_agent_call_duration_seconds_count", outcome="ok") == 2
+    assert grew("chatapp_agent_call_duration_seconds_count", outcome="http_5xx") == 1
+    assert in_flight == [1.0]
+    assert metric(text, "chatapp_turns_in_flight") == 0
+
+
+def test_agent_timeouts_are_counted_as_such(app, client, chat, agent_server):
+    agent_server.enqueue(Hang())
+    assert chat.post({"message": "hi"}).status_code == 503
+    assert metric(client.get("/metrics").get_data(as_text=True), "chatapp_agent_call_duration_seconds_count", outcome="timeout") >= 1
+
+
+def test_no_cors_headers_unless_configured(client, auth, agent_server):
+    response = client.post("/api/alice/chat", json={"message": "hi"}, headers={**auth.headers(), "Origin": "https://app.example"})
+    assert response.status_code == 200
+    assert not any(name.lower().startswith("access-control-") for name in response.headers.keys())
+
+
+@pytest.mark.parametrize("config_overrides", [{"CORS_ORIGINS": ["https://app.example"]}])
+def test_cors_for_configured_origins(client, auth, agent_server):
+    preflight = client.options(
+        "/api/alice/chat",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert {h.strip().lower() for h in preflight.headers["Access-Control-Allow-Headers"].split(",")} >= {"authorization", "content-type", "idempotency-key"}
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+
+    response = client.post("/api/alice/chat", json={"message": "hi"}, headers={**auth.headers(), "Origin": "https://app.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "X-Request-ID" in response.headers["Access-Control-Expose-Headers"]
+
+    other = client.post("/api/alice/chat", json={"message": "hi"}, headers={**auth.headers(), "Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
