@@ -76,6 +76,7 @@ class Config:
         self.AGENT_API_KEY = _env("AGENT_API_KEY")
         self.AGENT_CONNECT_TIMEOUT = _env_float("AGENT_CONNECT_TIMEOUT", 3.0)
         self.AGENT_TIMEOUT = _env_float("AGENT_TIMEOUT", 30.0)
+        self.AGENT_STREAM_TIMEOUT = _env_float("AGENT_STREAM_TIMEOUT", 300.0)
         self.AGENT_MAX_RETRIES = _env_int("AGENT_MAX_RETRIES", 2)
         self.AGENT_MAX_RESPONSE_BYTES = _env_int("AGENT_MAX_RESPONSE_BYTES", 1048576)
         self.AGENT_SYSTEM_PROMPT = _env("AGENT_SYSTEM_PROMPT")
@@ -103,7 +104,7 @@ class Config:
 
     def validate(self):
         """Raise ConfigError when these settings cannot serve."""
-        for name in ("AGENT_CONNECT_TIMEOUT", "AGENT_TIMEOUT"):
+        for name in ("AGENT_CONNECT_TIMEOUT", "AGENT_TIMEOUT", "AGENT_STREAM_TIMEOUT"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("AGENT_MAX_RETRIES", "CONTEXT_MAX_MESSAGES", "CONTEXT_MAX_CHARS"):
@@ -137,6 +138,7 @@ class TestingConfig(Config):
         super().__init__()
         self.AGENT_CONNECT_TIMEOUT = 0.5
         self.AGENT_TIMEOUT = 2.0
+        self.AGENT_STREAM_TIMEOUT = 10.0
         for name, value in overrides.items():
             setattr(self, name, value)
 

@@ -63,21 +63,20 @@ def parse_conversation_id(value: str) -> uuid.UUID:
     return parsed
 
 
-def turn_hold_seconds() -> float:
+def turn_hold_seconds(stream: bool = False) -> float:
     """How long a turn may hold its conversation and key: past this, its worker is presumed dead."""
-    return current_app.config["AGENT_TIMEOUT"] + current_app.config["TURN_HOLD_MARGIN"]
+    config = current_app.config
+    return config["AGENT_STREAM_TIMEOUT" if stream else "AGENT_TIMEOUT"] + config["TURN_HOLD_MARGIN"]
 
 
-def claim_conversation(user_id: str, conversation_id: str | None) -> ClaimedConversation | None:
+def claim_conversation(user_id: str, conversation_id: str | None, hold_seconds: float) -> ClaimedConversation | None:
     """Step 3: hold the user's conversation for this turn (None: a new one); 404, or 409 while
     another turn holds it."""
     if conversation_id is None:
         return None
     parsed_id = parse_conversation_id(conversation_id)
     now, token = utcnow(), uuid.uuid4()
-    message_count = queries.claim_conversation(
-        user_id, parsed_id, token, now, now + timedelta(seconds=turn_hold_seconds())
-    )
+    message_count = queries.claim_conversation(user_id, parsed_id, token, now, now + timedelta(seconds=hold_seconds))
     if message_count is None:
         raise ConversationBusy() if queries.conversation_exists(user_id, parsed_id) else ConversationNotFound()
     return ClaimedConversation(parsed_id, message_count, token)
@@ -97,15 +96,29 @@ def conversation_title(first_message: str) -> str:
     return " ".join(first_message.split())[:TITLE_LENGTH]
 
 
+@dataclass(frozen=True)
+class PendingTurn:
+    """A turn between its claims and its commit: what storing (or abandoning) it needs."""
+
+    user_id: str
+    chat_request: dict
+    conversation: ClaimedConversation | None
+    key_claim: idempotency.KeyClaim | None
+    asked_at: datetime
+    render: Callable[[ChatTurn], str]
+
+
 def send_message(
     user_id: str,
     chat_request: dict,
     agent: AgentRunner,
     render: Callable[[ChatTurn], str],
     request_id: str | None = None,
-) -> TurnResult:
+) -> "TurnResult | TurnStream":
     """The idempotency key, then steps 3 and 4. `render` turns the turn into the response body,
-    which is stored with the key so that a retry gets the same bytes."""
+    which is stored with the key so that a retry gets the same bytes. A streamed turn comes back
+    as a TurnStream once the agent's first piece has arrived; it stores the turn when it ends."""
+    stream = chat_request["stream"]
     key_claim = None
     if chat_request["idempotency_key"]:
         fingerprint = idempotency.request_fingerprint(
@@ -115,7 +128,7 @@ def send_message(
             user_id,
             chat_request["idempotency_key"],
             fingerprint,
-            hold_seconds=turn_hold_seconds(),
+            hold_seconds=turn_hold_seconds(stream),
             ttl_seconds=current_app.config["IDEMPOTENCY_TTL"],
         )
         if isinstance(outcome, idempotency.Replay):
@@ -124,11 +137,31 @@ def send_message(
 
     conversation = None
     try:
-        conversation = claim_conversation(user_id, chat_request["conversation_id"])
-        return run_turn(user_id, chat_request, conversation, key_claim, agent, render, request_id)
+        conversation = claim_conversation(user_id, chat_request["conversation_id"], turn_hold_seconds(stream))
+        turn = PendingTurn(user_id, chat_request, conversation, key_claim, utcnow(), render)
+        context = read_context(turn)
+        if stream:
+            return TurnStream.start(turn, agent, context, request_id)
+        reply, agent_ms = call_agent(agent, context, chat_request["model"], request_id)
+        return store_turn(turn, reply, agent_ms)
     except BaseException:
         release_claims(conversation, key_claim)
         raise
+
+
+def read_context(turn: PendingTurn) -> list[dict]:
+    """Step 4's input: the kept history and the new message. Commits the claim and ends the
+    transaction, so that a slow agent holds no pooled connection."""
+    config = current_app.config
+    history = []
+    if turn.conversation is not None:
+        history = queries.recent_history(turn.conversation.id, config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"])
+    db.session.commit()
+    return build_context(history, turn.chat_request["message"])
+
+
+def elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
 
 
 def call_agent(agent: AgentRunner, context: list[dict], model: str, request_id: str | None) -> tuple[AgentReply, float]:
@@ -137,45 +170,27 @@ def call_agent(agent: AgentRunner, context: list[dict], model: str, request_id: 
     try:
         reply = agent.run(context, model, request_id=request_id)
     except AgentUnavailable as error:
-        error.agent_ms = round((time.perf_counter() - started) * 1000, 1)
+        error.agent_ms = elapsed_ms(started)
         metrics.observe_agent_call(time.perf_counter() - started, error.kind)
         raise
     metrics.observe_agent_call(time.perf_counter() - started, None)
-    return reply, round((time.perf_counter() - started) * 1000, 1)
+    return reply, elapsed_ms(started)
 
 
-def run_turn(
-    user_id: str,
-    chat_request: dict,
-    conversation: ClaimedConversation | None,
-    key_claim: idempotency.KeyClaim | None,
-    agent: AgentRunner,
-    render: Callable[[ChatTurn], str],
-    request_id: str | None,
-) -> TurnResult:
-    """Step 4: read the history, release the connection while the agent works, then store the
-    conversation (if new), both messages and the idempotency record in one short transaction."""
-    config = current_app.config
-    user_message, model = chat_request["message"], chat_request["model"]
-    asked_at = utcnow()
-    history = []
-    if conversation is not None:
-        history = queries.recent_history(conversation.id, config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"])
-    # Commit the claim and end the transaction: a slow agent must not hold a pooled connection.
-    db.session.commit()
-
-    reply, agent_ms = call_agent(agent, build_context(history, user_message), model, request_id)
-
+def store_turn(turn: PendingTurn, reply: AgentReply, agent_ms: float) -> TurnResult:
+    """Store the conversation (if new), both messages and the idempotency record in one short
+    transaction, and release the conversation."""
+    user_message, conversation = turn.chat_request["message"], turn.conversation
     answered_at = utcnow()
     if conversation is None:
         conversation_id, first_seq = uuid.uuid4(), 1
         db.session.add(
             Conversation(
                 id=conversation_id,
-                user_id=user_id,
+                user_id=turn.user_id,
                 title=conversation_title(user_message),
                 message_count=2,
-                created_at=asked_at,
+                created_at=turn.asked_at,
                 updated_at=answered_at,
             )
         )
@@ -192,7 +207,7 @@ def run_turn(
                 seq=first_seq,
                 role="user",
                 content=user_message,
-                created_at=asked_at,
+                created_at=turn.asked_at,
             ),
             Message(
                 id=message_id,
@@ -204,7 +219,7 @@ def run_turn(
             ),
         ]
     )
-    body = render(
+    body = turn.render(
         ChatTurn(
             conversation_id=str(conversation_id),
             message_id=str(message_id),
@@ -212,7 +227,7 @@ def run_turn(
             role="assistant",
             created_at=answered_at,
             usage=reply.usage,
-            model=model,
+            model=turn.chat_request["model"],
         )
     )
     try:
@@ -220,10 +235,71 @@ def run_turn(
     except IntegrityError:
         # The unique (conversation_id, seq) index: the last guard against interleaved turns.
         raise ConversationBusy() from None
-    if key_claim is not None:
-        idempotency.complete_key(key_claim, body, conversation_id)
+    if turn.key_claim is not None:
+        idempotency.complete_key(turn.key_claim, body, conversation_id)
     db.session.commit()
     return TurnResult(body, False, str(conversation_id), agent_ms, reply.attempts)
+
+
+class TurnStream:
+    """A turn whose answer is still arriving from the agent. Iterate for its pieces; then
+    finish() stores it, or abort() (a failure, a client gone) stores nothing and frees its claims."""
+
+    def __init__(self, turn: PendingTurn, agent_stream, first_piece: str, started: float):
+        self.turn = turn
+        self._agent_stream = agent_stream
+        self._first_piece = first_piece
+        self._started = started
+        self._pieces: list[str] = []
+        self._ended = False
+
+    @classmethod
+    def start(cls, turn: PendingTurn, agent: AgentRunner, context: list[dict], request_id: str | None) -> "TurnStream":
+        """Open the agent's stream and wait for its first piece: a failure until then is an
+        ordinary error response (AgentUnavailable), not a broken stream."""
+        started = time.perf_counter()
+        agent_stream = None
+        try:
+            agent_stream = agent.stream(context, turn.chat_request["model"], request_id=request_id)
+            first_piece = next(iter(agent_stream), "")
+        except BaseException as error:
+            if agent_stream is not None:
+                agent_stream.close()
+            if isinstance(error, AgentUnavailable):
+                error.agent_ms = elapsed_ms(started)
+                metrics.observe_agent_call(time.perf_counter() - started, error.kind)
+            raise
+        return cls(turn, agent_stream, first_piece, started)
+
+    def __iter__(self):
+        """The assistant message, piece by piece as the agent writes it."""
+        if self._first_piece:
+            self._pieces.append(self._first_piece)
+            yield self._first_piece
+        for piece in self._agent_stream:
+            self._pieces.append(piece)
+            yield piece
+
+    def finish(self) -> TurnResult:
+        """Store the complete turn, once the agent's stream has ended."""
+        self._ended = True
+        metrics.observe_agent_call(time.perf_counter() - self._started, None)
+        reply = AgentReply("".join(self._pieces), self._agent_stream.usage, self._agent_stream.attempts)
+        try:
+            return store_turn(self.turn, reply, elapsed_ms(self._started))
+        except BaseException:
+            release_claims(self.turn.conversation, self.turn.key_claim)
+            raise
+
+    def abort(self, error: Exception | None = None) -> None:
+        """End the agent call and store nothing; the conversation and the key are free again."""
+        if self._ended:
+            return
+        self._ended = True
+        self._agent_stream.close()
+        kind = error.kind if isinstance(error, AgentUnavailable) else "aborted"
+        metrics.observe_agent_call(time.perf_counter() - self._started, kind)
+        release_claims(self.turn.conversation, self.turn.key_claim)
 
 
 def release_claims(conversation: ClaimedConversation | None, key_claim: idempotency.KeyClaim | None) -> None:

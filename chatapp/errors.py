@@ -96,7 +96,8 @@ class IdempotencyKeyReused(ApiError):
 
 class AgentUnavailable(ApiError):
     """The agent failed; `detail` is ours, never the agent's URL, key or body. `kind` (timeout,
-    connection, http_<status>, malformed, too_large) and `attempts` are for logs and metrics."""
+    connection, http_<status>, agent_error, malformed, too_large) and `attempts` are for logs and
+    metrics."""
 
     status, code, detail = 503, "agent_unavailable", "The agent is unavailable, try again later"
     retry_after = 1
@@ -126,14 +127,19 @@ def current_request_id() -> str:
     return g.setdefault("request_id", uuid.uuid4().hex)
 
 
-def error_response(error: ApiError) -> Response:
-    """The contract's JSON error body with the error's status and headers."""
+def error_body(error: ApiError) -> dict:
+    """The contract's error body (also the data of a stream's `error` event)."""
     # The request's log line says how it failed (see log_config.note).
     g.setdefault("log_fields", {}).update(error=error.code, **getattr(error, "log_fields", {}))
     body = {"detail": error.detail, "code": error.code, "request_id": current_request_id()}
     if error.errors is not None:
         body["errors"] = error.errors
-    response = jsonify(body)
+    return body
+
+
+def error_response(error: ApiError) -> Response:
+    """The contract's JSON error body with the error's status and headers."""
+    response = jsonify(error_body(error))
     response.status_code = error.status
     response.headers.update(error.headers)
     return response
@@ -151,39 +157,39 @@ def _from_http_exception(exc: HTTPException) -> ApiError:
     return ApiError()
 
 
-def register_error_handlers(app: Flask) -> None:
-    """Route every exception, ours or not, through error_response()."""
+def _from_validation_error(exc: ValidationError) -> ApiError:
+    messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+    fields = sorted(name for name in messages if name != "_schema")
+    detail = f"Invalid request: {', '.join(fields)}" if fields else str(messages["_schema"][0])
+    return InvalidRequest(detail, errors=messages)
 
-    @app.errorhandler(ApiError)
-    def handle_api_error(error: ApiError):
-        return error_response(error)
 
-    @app.errorhandler(ValidationError)
-    def handle_validation_error(error: ValidationError):
-        messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
-        fields = sorted(name for name in messages if name != "_schema")
-        detail = f"Invalid request: {', '.join(fields)}" if fields else str(messages["_schema"][0])
-        return error_response(InvalidRequest(detail, errors=messages))
+def _database_unavailable(exc: Exception) -> bool:
+    if isinstance(exc, (OperationalError, PoolTimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
-    @app.errorhandler(HTTPException)
-    def handle_http_exception(error: HTTPException):
-        return error_response(_from_http_exception(error))
 
-    @app.errorhandler(OperationalError)
-    @app.errorhandler(PoolTimeoutError)
-    def handle_database_unavailable(error: Exception):
+def as_api_error(exc: Exception) -> ApiError:
+    """What the client is told about any exception; unexpected ones are logged with their traceback."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return _from_validation_error(exc)
+    if isinstance(exc, HTTPException):
+        return _from_http_exception(exc)
+    if _database_unavailable(exc):
         # The driver's message only: SQLAlchemy's own would carry the statement's parameters.
-        reason = (str(getattr(error, "orig", "")).strip().splitlines() or [type(error).__name__])[0]
+        reason = (str(getattr(exc, "orig", "")).strip().splitlines() or [type(exc).__name__])[0]
         log.error("database unavailable: %s", reason, extra={"request_id": current_request_id()})
-        return error_response(ServiceUnavailable())
+        return ServiceUnavailable()
+    log.error("unhandled error", exc_info=exc, extra={"request_id": current_request_id()})
+    return ApiError()
 
-    @app.errorhandler(DBAPIError)
-    def handle_database_error(error: DBAPIError):
-        if error.connection_invalidated:
-            return handle_database_unavailable(error)
-        return handle_unexpected(error)
+
+def register_error_handlers(app: Flask) -> None:
+    """Route every exception, ours or not, through as_api_error() and error_response()."""
 
     @app.errorhandler(Exception)
-    def handle_unexpected(error: Exception):
-        log.exception("unhandled error", extra={"request_id": current_request_id()})
-        return error_response(ApiError())
+    def handle_any(exc: Exception):
+        return error_response(as_api_error(exc))

@@ -9,7 +9,7 @@ from flask import Flask
 from marshmallow import Schema
 
 from chatapp import errors
-from chatapp.schemas import Cursor, ErrorSchema
+from chatapp.schemas import IDEMPOTENCY_KEY_JSON_PATTERN, Cursor, ErrorSchema
 
 OPENAPI_VERSION = "3.0.3"
 # What any authenticated operation can answer, besides its own errors.
@@ -23,6 +23,21 @@ AUTHENTICATED_ERRORS = (
     errors.ApiError,
     errors.ServiceUnavailable,
 )
+# Every route honours the client's X-Request-ID (contract section 1), so every operation documents it.
+REQUEST_ID_HEADER = (
+    "X-Request-ID",
+    "Your id for this request, sent back in the X-Request-ID response header and in error bodies "
+    "when it is 1 to 128 visible ASCII characters (otherwise the service makes one)",
+)
+# Request headers whose values the service validates (400 otherwise); any other is a plain string.
+HEADER_SCHEMAS = {"Idempotency-Key": {"type": "string", "pattern": IDEMPOTENCY_KEY_JSON_PATTERN}}
+# One event of a streamed answer: `delta` events ({"content": ...}), then `done` (the JSON answer)
+# or `error` (an error body); `data` is that JSON, as text.
+SERVER_SENT_EVENT = {
+    "type": "object",
+    "properties": {"event": {"type": "string", "enum": ["delta", "done", "error"]}, "data": {"type": "string"}},
+    "required": ["event", "data"],
+}
 _METHODS = ("get", "post", "put", "patch", "delete")
 _FLASK_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
@@ -39,6 +54,7 @@ class Operation:
     errors: tuple = ()
     headers: tuple = ()  # request headers: (name, description)
     authenticated: bool = True
+    streams: bool = False  # also answers 200 as server-sent events ("stream": true)
     tags: tuple = field(default=())
 
 
@@ -68,13 +84,24 @@ def _operation(path_params: list[str], operation: Operation) -> dict:
     ]
     if operation.query is not None:
         parameters.append({"in": "query", "schema": operation.query})
+    headers = operation.headers
+    if not any(name.lower() == REQUEST_ID_HEADER[0].lower() for name, _ in headers):
+        headers = (*headers, REQUEST_ID_HEADER)
     parameters += [
-        {"name": name, "in": "header", "required": False, "schema": {"type": "string"}, "description": description}
-        for name, description in operation.headers
+        {
+            "name": name,
+            "in": "header",
+            "required": False,
+            "schema": HEADER_SCHEMAS.get(name, {"type": "string"}),
+            "description": description,
+        }
+        for name, description in headers
     ]
     success = {"description": operation.summary, "headers": _response_headers(operation.status)}
     if operation.response is not None:
         success["content"] = {"application/json": {"schema": operation.response}}
+    if operation.streams:
+        success["content"]["text/event-stream"] = {"schema": SERVER_SENT_EVENT}
     responses = {str(operation.status): success}
     raised = (AUTHENTICATED_ERRORS if operation.authenticated else ()) + tuple(operation.errors)
     for status in sorted({error.status for error in raised}):

@@ -11,7 +11,12 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 MESSAGE_MAX_CHARS = 10_000
 CONVERSATION_ID_MAX_CHARS = 64
 USER_ID_MAX_CHARS = 255
+CURSOR_MAX_CHARS = 256
+# Message.seq is a 32-bit INTEGER column; a larger `before` is out of range (SQLite overflows on it).
+SEQ_MAX = 2**31 - 1
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+# The same rule as a JSON Schema (ECMA-262) pattern, for the OpenAPI document.
+IDEMPOTENCY_KEY_JSON_PATTERN = f"^{IDEMPOTENCY_KEY_PATTERN.pattern}$"
 
 
 def validate_text(value: str) -> None:
@@ -47,6 +52,15 @@ def idempotency_key(header_value: str | None, body_value: str | None) -> str | N
     return body_value
 
 
+class StrictBoolean(fields.Boolean):
+    """A JSON true or false, nothing else (marshmallow's Boolean also takes "true", 1, "yes")."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
 class ChatRequestSchema(Schema):
     """The body of POST /api/<user_id>/chat; unknown fields are rejected by name."""
 
@@ -61,7 +75,14 @@ class ChatRequestSchema(Schema):
         load_default=None, allow_none=True, validate=validate.Length(min=1, max=CONVERSATION_ID_MAX_CHARS)
     )
     model = fields.String(load_default=None, allow_none=True, validate=[validate.Length(min=1, max=255), validate_text])
-    request_id = fields.String(load_default=None, allow_none=True, validate=validate_idempotency_key)
+    request_id = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate_idempotency_key,
+        metadata={"pattern": IDEMPOTENCY_KEY_JSON_PATTERN},
+    )
+
+    stream = StrictBoolean(load_default=False, metadata={"description": "true: answer with server-sent events"})
 
     def __init__(self, *, default_model: str | None = None, allowed_models=None, **kwargs):
         super().__init__(**kwargs)
@@ -114,7 +135,7 @@ class Cursor(fields.Field):
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if not isinstance(value, str) or len(value) > 256:
+        if not isinstance(value, str) or len(value) > CURSOR_MAX_CHARS:
             raise self.make_error("invalid")
         try:
             padded = value + "=" * (-len(value) % 4)
@@ -136,13 +157,18 @@ class QuerySchema(Schema):
 
 class ConversationListQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
-    before = Cursor(load_default=None, metadata={"description": "next_cursor of the previous page"})
+    before = Cursor(
+        load_default=None,
+        metadata={"description": "next_cursor of the previous page", "maxLength": CURSOR_MAX_CHARS},
+    )
 
 
 class MessageListQuerySchema(QuerySchema):
     limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
     before = fields.Integer(
-        load_default=None, validate=validate.Range(min=1), metadata={"description": "first seq of the previous page"}
+        load_default=None,
+        validate=validate.Range(min=1, max=SEQ_MAX),
+        metadata={"description": "first seq of the previous page"},
     )
 
 

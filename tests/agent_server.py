@@ -1,6 +1,7 @@
 """A real OpenAI-compatible agent on loopback, scripted per test: answers, errors, slow and broken servers."""
 import collections
 import json
+import re
 import socket
 import sys
 import threading
@@ -104,7 +105,8 @@ class Close:
 
 @dataclass
 class Echo:
-    """The default: a completion whose content is `prefix` + the last message's content, after `delay`."""
+    """The default: a completion whose content is `prefix` + the last message's content, after `delay`;
+    streamed (as StreamEcho) when the request asks for a stream."""
 
     prefix: str = "You said: "
     delay: float = 0.0
@@ -115,11 +117,163 @@ class Echo:
         except (TypeError, LookupError):
             handler.send(400, b'{"error": {"message": "messages is required"}}')
             return
+        if request.json.get("stream") is True:
+            # Asked for a stream, it streams: one default serves both ways of calling the agent.
+            if not handler.wait(self.delay):
+                StreamEcho(self.prefix).respond(handler, request)
+            return
         Reply(self.prefix + str(last), usage=USAGE, delay=self.delay).respond(handler, request)
+
+
+def completion_chunk(
+    content: str | None = None, role: str | None = None, finish_reason: str | None = None, model: str = "test-model"
+) -> dict:
+    """An OpenAI chat completion chunk: one choice whose delta carries `role` and `content` when given."""
+    delta = {key: value for key, value in (("role", role), ("content", content)) if value is not None}
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(usage: dict, model: str = "test-model") -> dict:
+    """The last chunk of a stream with `stream_options.include_usage`: no choice, the usage."""
+    return {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage}
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event carrying `data` (a dict as JSON)."""
+    return b"data: %s\n\n" % (data if isinstance(data, str) else json.dumps(data)).encode()
+
+
+def stream_events(pieces: tuple[str, ...], usage: dict | None = USAGE, done: bool = True) -> list[bytes]:
+    """OpenAI's events for `pieces`: the role, one chunk a piece, the finish, the usage, [DONE]."""
+    events = [sse(completion_chunk("", role="assistant"))]
+    events += [sse(completion_chunk(piece)) for piece in pieces]
+    events.append(sse(completion_chunk(finish_reason="stop")))
+    if usage is not None:
+        events.append(sse(usage_chunk(usage)))
+    if done:
+        events.append(sse("[DONE]"))
+    return events
+
+
+def words(text: str) -> tuple[str, ...]:
+    """`text` cut before each word that follows a space: the pieces join back to `text`."""
+    return tuple(piece for piece in re.split(r"(?<=\s)(?=\S)", text) if piece)
+
+
+def start_event_stream(handler: "_Handler") -> None:
+    """200 with the headers of an event stream, framed by chunked encoding."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Cache-Control", "no-cache")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+
+
+def send_chunk(handler: "_Handler", data: bytes) -> None:
+    """Write `data` as one HTTP chunk (b"" ends the body), at once."""
+    handler.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+    handler.wfile.flush()
+
+
+@dataclass
+class Stream:
+    """A streamed answer: `pieces` `interval` apart; after `pause_after` pieces a pause of `pause` s, or
+    until `pause_event` is set; `fail_after` pieces then a cut connection; `done=False` leaves out [DONE].
+    `sent` counts the pieces written, `finished` is set when the handler returns, `disconnected` when
+    a write failed because the client had gone."""
+
+    pieces: tuple[str, ...] = ("Hel", "lo", "!")
+    usage: dict | None = field(default_factory=lambda: dict(USAGE))
+    interval: float = 0.0
+    pause_after: int | None = None
+    pause: float = 0.0
+    pause_event: threading.Event | None = None
+    fail_after: int | None = None
+    done: bool = True
+    sent: int = field(default=0, init=False, compare=False)
+    finished: threading.Event = field(default_factory=threading.Event, init=False, compare=False, repr=False)
+    disconnected: threading.Event = field(default_factory=threading.Event, init=False, compare=False, repr=False)
+
+    def respond(self, handler: "_Handler", request: RecordedRequest) -> None:
+        try:
+            if not self._send(handler):
+                handler.close_connection = True
+        except OSError:
+            self.disconnected.set()
+            handler.close_connection = True
+        finally:
+            self.finished.set()
+
+    def _send(self, handler: "_Handler") -> bool:
+        """Write the stream; False when it was cut (as scripted, or because the server is stopping)."""
+        start_event_stream(handler)
+        for index, event in enumerate(stream_events(self.pieces, self.usage, self.done)):
+            piece = index - 1  # the role's chunk comes first
+            if 0 <= piece <= len(self.pieces) and self._hold(handler, piece):
+                return False
+            send_chunk(handler, event)
+            if 0 <= piece < len(self.pieces):
+                self.sent += 1
+        send_chunk(handler, b"")
+        return True
+
+    def _hold(self, handler: "_Handler", piece: int) -> bool:
+        """Before piece `piece` (or the end): wait, pause or fail as scripted; True to cut the stream."""
+        if piece == self.fail_after:
+            return True
+        if piece == self.pause_after:
+            if self.pause_event is None:
+                return handler.wait(self.pause)
+            while not self.pause_event.wait(0.01):
+                if handler.wait(0):
+                    return True
+            return False
+        return 0 < piece and handler.wait(self.interval)
+
+
+@dataclass
+class StreamEcho:
+    """Echo, streamed: `prefix` + the last message's content word by word, the usage, then [DONE]."""
+
+    prefix: str = "You said: "
+    interval: float = 0.0
+
+    def respond(self, handler: "_Handler", request: RecordedRequest) -> None:
+        try:
+            last = request.json["messages"][-1]["content"]
+        except (TypeError, LookupError):
+            handler.send(400, b'{"error": {"message": "messages is required"}}')
+            return
+        Stream(words(self.prefix + str(last)), usage=USAGE, interval=self.interval).respond(handler, request)
+
+
+@dataclass
+class DripStream:
+    """An event stream whose bytes come one every `interval` seconds, so no piece is whole for long."""
+
+    pieces: tuple[str, ...] = ("Hel", "lo", "!")
+    interval: float = 0.2
+
+    def respond(self, handler: "_Handler", request: RecordedRequest) -> None:
+        start_event_stream(handler)
+        body = b"".join(stream_events(self.pieces))
+        for index in range(len(body)):
+            if handler.wait(self.interval):
+                handler.close_connection = True
+                return
+            send_chunk(handler, body[index:index + 1])
+        send_chunk(handler, b"")
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so tests can see pooled connections reused
+    disable_nagle_algorithm = True  # small writes (a drip, a stream) go out at once, as a real server's do
     server: "_Server"
 
     def do_POST(self) -> None:
@@ -261,3 +415,16 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/v1"
+
+
+if __name__ == "__main__":
+    # `python tests/agent_server.py`: the default echo agent on a free loopback port (make e2e).
+    # Prints its URL on the first line of stdout, then serves until SIGTERM or SIGINT.
+    import signal
+
+    stop_requested = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_args: stop_requested.set())
+    with AgentServer() as echo_agent:
+        print(echo_agent.url, flush=True)
+        stop_requested.wait()

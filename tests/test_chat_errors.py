@@ -44,7 +44,9 @@ BAD_BODIES = {
     "request_id with spaces": ("application/json", {"message": "hi", "request_id": "a b"}, "request_id"),
     "request_id too long": ("application/json", {"message": "hi", "request_id": "k" * 256}, "request_id"),
     "unknown field": ("application/json", {"message": "hi", "temperature": 0.2}, "temperature"),
-    "stream (not yet supported)": ("application/json", {"message": "hi", "stream": True}, "stream"),
+    "stream as a string": ("application/json", {"message": "hi", "stream": "true"}, "stream"),
+    "stream as a number": ("application/json", {"message": "hi", "stream": 1}, "stream"),
+    "stream null": ("application/json", {"message": "hi", "stream": None}, "stream"),
 }
 
 

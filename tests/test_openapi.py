@@ -68,6 +68,8 @@ def test_schemas_come_from_the_validating_schemas(document):
     assert set(parameters["/api/{user_id}/conversations"]) == set(ConversationListQuerySchema().fields)
     assert parameters["/api/{user_id}/conversations"]["limit"]["schema"]["maximum"] == 100
     assert set(parameters["/api/{user_id}/conversations/{conversation_id}/messages"]) == set(MessageListQuerySchema().fields)
+    chat_ok = document["paths"]["/api/{user_id}/chat"]["post"]["responses"]["200"]["content"]
+    assert set(chat_ok) == {"application/json", "text/event-stream"}
     assert set(schemas["ChatResponse"]["required"]) == {"conversation_id", "message", "role", "created_at", "usage", "message_id", "model"}
 
 

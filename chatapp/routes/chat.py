@@ -1,9 +1,12 @@
 """POST /api/<user_id>/chat: the five steps of the contract, in order."""
-from flask import Blueprint, Response, current_app, g, request
+import json
+
+from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from chatapp import errors
 from chatapp.auth import authenticate
-from chatapp.chat_service import ChatTurn, TurnResult, send_message
+from chatapp.chat_service import ChatTurn, TurnResult, TurnStream, send_message
+from chatapp.errors import as_api_error, error_body
 from chatapp.log_config import note
 from chatapp.metrics import TURNS_IN_FLIGHT
 from chatapp.openapi import documented
@@ -37,6 +40,48 @@ def chat_response(result: TurnResult) -> Response:
     return response
 
 
+def server_sent_event(event: str, data: str) -> str:
+    return f"event: {event}\ndata: {data}\n\n"
+
+
+def delta_event(content: str) -> str:
+    return server_sent_event("delta", current_app.json.dumps({"content": content}))
+
+
+def relay(turn: TurnStream):
+    """The agent's pieces as `delta` events; `done` once the turn is stored; `error` if it fails."""
+    with TURNS_IN_FLIGHT.track_inprogress():
+        try:
+            for piece in turn:
+                yield delta_event(piece)
+            result = turn.finish()
+        except GeneratorExit:  # the client went away: end the agent call, store nothing
+            turn.abort()
+            raise
+        except Exception as exc:
+            error = as_api_error(exc)
+            turn.abort(exc)
+            yield server_sent_event("error", current_app.json.dumps(error_body(error)))
+            return
+        yield server_sent_event("done", result.body)
+
+
+def replay_events(result: TurnResult):
+    """A finished turn, streamed again: its whole message as one delta, then done."""
+    yield delta_event(json.loads(result.body)["message"])
+    yield server_sent_event("done", result.body)
+
+
+def event_stream_response(outcome: TurnResult | TurnStream) -> Response:
+    events = replay_events(outcome) if isinstance(outcome, TurnResult) else relay(outcome)
+    response = Response(stream_with_context(events), status=200, mimetype="text/event-stream")
+    # Proxies must pass each event on at once.
+    response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if isinstance(outcome, TurnResult):
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
 @bp.post("/api/<user_id>/chat")
 @documented(
     summary="Send a message; the agent's answer",
@@ -52,6 +97,7 @@ def chat_response(result: TurnResult) -> Response:
         errors.AgentUnavailable,
     ),
     headers=(("Idempotency-Key", "Makes retries safe (same as request_id)"), ("X-Request-ID", "Traced through to the agent")),
+    streams=True,
     tags=("chat",),
 )
 def chat(user_id: str):
@@ -61,8 +107,11 @@ def chat(user_id: str):
     note(user_id=user_id, conversation_id=chat_request["conversation_id"])
     enforce_rate_limit(user_id)  # then the rate limit (and, in the service, the idempotency key)
     with TURNS_IN_FLIGHT.track_inprogress():
-        result = send_message(  # 3. resolve the conversation; 4. execute the agent, store the turn
+        outcome = send_message(  # 3. resolve the conversation; 4. execute the agent, store the turn
             user_id, chat_request, current_app.extensions["chat_agent"], render_chat_response, request_id=g.request_id
         )
-    note(conversation_id=result.conversation_id, agent_ms=result.agent_ms, agent_attempts=result.agent_attempts, replayed=result.replayed)
-    return chat_response(result)  # 5. return
+    if chat_request["stream"]:  # 5. return: the answer as it is written, stored when complete
+        note(stream=True)
+        return event_stream_response(outcome)
+    note(conversation_id=outcome.conversation_id, agent_ms=outcome.agent_ms, agent_attempts=outcome.agent_attempts, replayed=outcome.replayed)
+    return chat_response(outcome)  # 5. return
