@@ -27,3 +27,34 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# make bench: the benchmark of bench/README.md, on PostgreSQL (a few minutes; it writes
+# bench/results/<date>-<commit>.md). BENCH_ARGS="--sqlite", "--scenarios S1,S3", "--runs 1"...
+# make bench-deps: wrk, nginx and its echo module from Debian's packages, when missing.
+BENCH_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: bench bench-deps
+
+bench: install bench-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-deps:
+	@if command -v wrk >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } \
+		&& test -f /usr/lib/nginx/modules/ngx_http_echo_module.so; then \
+		echo "bench-deps: wrk, nginx and its echo module are installed"; \
+	else \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			wrk nginx libnginx-mod-http-echo; \
+	fi
+
+# make e2e: gunicorn with production settings on 127.0.0.1, then newman (postman/) and schemathesis
+# (/openapi.json) against it (e2e/run.py). newman is installed from package-lock.json into node_modules/.
+.PHONY: e2e
+
+e2e: install node_modules/.installed
+	$(BIN)/python e2e/run.py
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@

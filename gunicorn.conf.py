@@ -13,6 +13,9 @@ timeout = int(float(os.environ.get("AGENT_TIMEOUT", "30"))) + 30
 # On SIGTERM, turns in flight get this long to finish and be stored.
 graceful_timeout = int(float(os.environ.get("AGENT_TIMEOUT", "30"))) + 10
 keepalive = 5
+# A path of two 255-character ids in 4-byte UTF-8 is about 6 KB once percent-encoded; gunicorn's
+# default (4094) would answer such a valid request with its own HTML 414.
+limit_request_line = 8190
 # The app writes one JSON line per request itself; gunicorn's access log would repeat it as text.
 accesslog = None
 errorlog = "-"

@@ -34,6 +34,7 @@ def test_gunicorn_conf_defaults(monkeypatch):
     assert conf.timeout > 30
     assert conf.control_socket_disable is True
     assert conf.accesslog is None and conf.errorlog == "-"
+    assert conf.limit_request_line == 8190
 
 
 def test_procfile_lines():

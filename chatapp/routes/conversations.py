@@ -1,5 +1,5 @@
 """The user's history (contract section 9): list, read and delete conversations."""
-from flask import Blueprint
+from flask import Blueprint, Response
 
 from chatapp import errors, history_service
 from chatapp.auth import authenticate
@@ -72,4 +72,6 @@ def delete_conversation(user_id: str, conversation_id: str):
     check_user_id(user_id)  # 1. validate
     authenticate(user_id)  # 2. authenticate
     history_service.delete_conversation(user_id, conversation_id)  # 3. resolve, 4. delete
-    return "", 204  # 5. return
+    response = Response(status=204)  # 5. return
+    del response.headers["Content-Type"]  # no body, so no content type
+    return response
