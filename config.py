@@ -57,7 +57,16 @@ class Config:
         self.DATABASE_URL = _env("DATABASE_URL")  # None: SQLite file in the instance folder
         if self.DATABASE_URL:
             self.SQLALCHEMY_DATABASE_URI = database_url(self.DATABASE_URL)
-        self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+        self.SQLALCHEMY_ENGINE_OPTIONS = {
+            # Stale connections (a database restart) are replaced at checkout, not failed on.
+            "pool_pre_ping": True,
+            "pool_recycle": 300,
+            # Per process. Turns hold a connection only for their short reads and writes, never
+            # while the agent works; keep workers x (size + overflow) under the server's max_connections.
+            "pool_size": _env_int("DATABASE_POOL_SIZE", 16),
+            "max_overflow": _env_int("DATABASE_MAX_OVERFLOW", 16),
+            "pool_timeout": _env_float("DATABASE_POOL_TIMEOUT", 10.0),
+        }
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
 
         self.JWT_SECRET_KEY = _env("JWT_SECRET_KEY", self._default_secret())

@@ -6,7 +6,11 @@ bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # Threads, not processes, wait on the agent: a turn blocked on a slow agent costs one thread.
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "32"))
+# 64 threads per worker hold 128 slow turns in flight on 2 workers (make bench, S3).
+threads = int(os.environ.get("GUNICORN_THREADS", "64"))
+# gthread keeps accepting until a worker holds worker_connections (default 1000), and keep-alive
+# connections stay with it: one worker would take nearly every connection while the other idles.
+worker_connections = threads + 16
 # Under gthread `timeout` is a heartbeat, not a request limit; AGENT_TIMEOUT is what bounds a turn.
 # Keep it well above AGENT_TIMEOUT so that a busy worker is never killed mid-turn.
 timeout = int(float(os.environ.get("AGENT_TIMEOUT", "30"))) + 30

@@ -3,6 +3,7 @@ import os
 
 from flask import Flask
 from flask_cors import CORS
+from sqlalchemy.engine import make_url
 
 from chatapp import agent_client, cli, errors, log_config, metrics, rate_limit, request_ids
 from chatapp.auth import register_jwt_loaders
@@ -36,10 +37,16 @@ def create_app(config: Config | None = None) -> Flask:
 
 
 def configure_database(app: Flask) -> None:
-    """Default to a SQLite file in the instance folder."""
+    """Default to a SQLite file in the instance folder; an in-memory SQLite has no pool to size."""
     if not app.config.get("SQLALCHEMY_DATABASE_URI"):
         os.makedirs(app.instance_path, exist_ok=True)
         app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{os.path.join(app.instance_path, 'chatapp.db')}"
+    url = make_url(app.config["SQLALCHEMY_DATABASE_URI"])
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        options = dict(app.config["SQLALCHEMY_ENGINE_OPTIONS"])
+        for name in ("pool_size", "max_overflow", "pool_timeout"):
+            options.pop(name, None)
+        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
 
 
 def register_extensions(app: Flask) -> None:

@@ -22,7 +22,7 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 BACKOFF_SECONDS = 0.1
 MAX_RETRY_AFTER = 60
 # Enough connections for every gunicorn thread waiting on the agent at once.
-POOL_MAXSIZE = 64
+POOL_MAXSIZE = 128
 CHUNK_BYTES = 64 * 1024
 # After [DONE] a well-behaved agent ends the body at once; reading that end lets the connection be
 # pooled again, and waiting longer for it would only delay the end of the answer.
@@ -114,6 +114,10 @@ class OpenAIChatAgent:
         self._session.mount("https://", adapter)
         # The session is shared by every user's turn: no cookie may carry over between them.
         self._session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        # Proxy settings are read from the environment once, not on every call (requests re-reads
+        # os.environ and ~/.netrc per request when trust_env is on: a measurable share of a turn).
+        self._proxies = requests.utils.get_environ_proxies(self._url)
+        self._session.trust_env = False
         # Apps that never call close() still close their sockets when the agent is collected.
         self._close = weakref.finalize(self, self._session.close)
 
@@ -217,6 +221,7 @@ class OpenAIChatAgent:
                 timeout=(min(self.connect_timeout, remaining), remaining),
                 stream=True,
                 allow_redirects=False,
+                proxies=self._proxies,
             )
         except requests.exceptions.ConnectTimeout:
             raise _AttemptFailed("timeout", retryable=True) from None

@@ -14,7 +14,7 @@ from chatapp import idempotency, metrics, queries
 from chatapp.agent_client import AgentReply, AgentRunner
 from chatapp.errors import AgentUnavailable, ConversationBusy, ConversationNotFound
 from chatapp.extensions import db
-from chatapp.models import TITLE_LENGTH, Conversation, Message, utcnow
+from chatapp.models import TITLE_LENGTH, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -184,41 +184,26 @@ def store_turn(turn: PendingTurn, reply: AgentReply, agent_ms: float) -> TurnRes
     answered_at = utcnow()
     if conversation is None:
         conversation_id, first_seq = uuid.uuid4(), 1
-        db.session.add(
-            Conversation(
-                id=conversation_id,
-                user_id=turn.user_id,
-                title=conversation_title(user_message),
-                message_count=2,
-                created_at=turn.asked_at,
-                updated_at=answered_at,
-            )
+        queries.insert_conversation(
+            {
+                "id": conversation_id,
+                "user_id": turn.user_id,
+                "title": conversation_title(user_message),
+                "message_count": 2,
+                "created_at": turn.asked_at,
+                "updated_at": answered_at,
+            }
         )
     else:
         conversation_id, first_seq = conversation.id, conversation.message_count + 1
         if not queries.finish_conversation_turn(conversation_id, conversation.token, first_seq + 1, answered_at):
             raise ConversationBusy()  # our claim expired and another turn took the conversation
     message_id = uuid.uuid4()
-    db.session.add_all(
-        [
-            Message(
-                id=uuid.uuid4(),  # both ids given, so both rows go in one batched INSERT
-                conversation_id=conversation_id,
-                seq=first_seq,
-                role="user",
-                content=user_message,
-                created_at=turn.asked_at,
-            ),
-            Message(
-                id=message_id,
-                conversation_id=conversation_id,
-                seq=first_seq + 1,
-                role="assistant",
-                content=reply.content,
-                created_at=answered_at,
-            ),
-        ]
-    )
+    common = {"conversation_id": conversation_id}
+    rows = [
+        {**common, "id": uuid.uuid4(), "seq": first_seq, "role": "user", "content": user_message, "created_at": turn.asked_at},
+        {**common, "id": message_id, "seq": first_seq + 1, "role": "assistant", "content": reply.content, "created_at": answered_at},
+    ]
     body = turn.render(
         ChatTurn(
             conversation_id=str(conversation_id),
@@ -231,7 +216,7 @@ def store_turn(turn: PendingTurn, reply: AgentReply, agent_ms: float) -> TurnRes
         )
     )
     try:
-        db.session.flush()  # the conversation row first: the key refers to it
+        queries.insert_messages(rows)
     except IntegrityError:
         # The unique (conversation_id, seq) index: the last guard against interleaved turns.
         raise ConversationBusy() from None

@@ -9,7 +9,11 @@ from sqlalchemy.exc import IntegrityError
 from chatapp.extensions import db
 from chatapp.models import Conversation, IdempotencyKey, Message
 
-# Plain UPDATE/DELETE statements: no ORM objects are loaded that would need synchronizing.
+# The hot path writes through the tables (SQLAlchemy Core): the ORM's unit of work and session
+# synchronisation cost a turn more than its SQL does, and no ORM object is loaded anyway.
+conversations = Conversation.__table__
+messages = Message.__table__
+# Plain ORM-enabled UPDATE/DELETE elsewhere: nothing loaded needs synchronizing.
 _BULK = {"synchronize_session": False}
 
 
@@ -26,15 +30,14 @@ def claim_conversation(user_id: str, conversation_id: uuid.UUID, token: uuid.UUI
     """Hold the user's conversation for one turn, atomically, unless another turn holds it.
     Its message count when claimed; None when it is held, another user's or absent."""
     row = db.session.execute(
-        update(Conversation)
+        update(conversations)
         .where(
-            Conversation.id == conversation_id,
-            Conversation.user_id == user_id,
-            or_(Conversation.claimed_until.is_(None), Conversation.claimed_until < now),
+            conversations.c.id == conversation_id,
+            conversations.c.user_id == user_id,
+            or_(conversations.c.claimed_until.is_(None), conversations.c.claimed_until < now),
         )
         .values(claim_token=token, claimed_until=until)
-        .returning(Conversation.message_count)
-        .execution_options(**_BULK)
+        .returning(conversations.c.message_count)
     ).first()
     return row[0] if row else None
 
@@ -49,12 +52,21 @@ def conversation_exists(user_id: str, conversation_id: uuid.UUID) -> bool:
 def finish_conversation_turn(conversation_id: uuid.UUID, token: uuid.UUID, message_count: int, now: datetime) -> bool:
     """Record the turn's new message count and release the claim, if it is still ours."""
     result = db.session.execute(
-        update(Conversation)
-        .where(Conversation.id == conversation_id, Conversation.claim_token == token)
+        update(conversations)
+        .where(conversations.c.id == conversation_id, conversations.c.claim_token == token)
         .values(message_count=message_count, updated_at=now, claim_token=None, claimed_until=None)
-        .execution_options(**_BULK)
     )
     return result.rowcount == 1
+
+
+def insert_conversation(values: dict) -> None:
+    """A new conversation row."""
+    db.session.execute(insert(conversations).values(**values))
+
+
+def insert_messages(rows: list[dict]) -> None:
+    """Message rows, in one statement (executemany)."""
+    db.session.execute(insert(messages), rows)
 
 
 def release_conversation(conversation_id: uuid.UUID, token: uuid.UUID) -> None:
@@ -74,9 +86,9 @@ def recent_history(conversation_id: uuid.UUID, max_messages: int, max_chars: int
     if max_messages <= 0:
         return []
     latest = (
-        select(Message.seq, Message.role, Message.content)
-        .where(Message.conversation_id == conversation_id)
-        .order_by(Message.seq.desc())
+        select(messages.c.seq, messages.c.role, messages.c.content)
+        .where(messages.c.conversation_id == conversation_id)
+        .order_by(messages.c.seq.desc())
         .limit(max_messages)
         .subquery()
     )

@@ -318,6 +318,10 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     """Tracks open connections so that stop() can cut them and join every handler thread."""
 
+    # socketserver's default backlog of 5 drops connection attempts when many workers call at once,
+    # and a dropped SYN is retried only after a second: an agent that looks slow for no reason.
+    request_queue_size = 128
+
     def __init__(self, agent: "AgentServer"):
         self.agent = agent
         self.stopping = threading.Event()

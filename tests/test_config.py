@@ -18,7 +18,7 @@ STRONG_SECRET = "s" * 32
 def environ(monkeypatch):
     """A clean slate of chatapp variables."""
     for name in list(os.environ):
-        if name.startswith(("AGENT_", "JWT_", "CONTEXT_", "CHATAPP_")) or name in ("DATABASE_URL", "ALLOWED_MODELS", "DEFAULT_MODEL"):
+        if name.startswith(("AGENT_", "JWT_", "CONTEXT_", "CHATAPP_", "DATABASE_")) or name in ("ALLOWED_MODELS", "DEFAULT_MODEL"):
             monkeypatch.delenv(name)
     return monkeypatch
 
@@ -34,6 +34,23 @@ def test_defaults_are_the_contracts(environ):
     assert config.IDEMPOTENCY_TTL == 86400
     assert config.LOG_FORMAT == "text"
     assert ProductionConfig().LOG_FORMAT == "json"
+
+
+def test_database_pool_settings(environ, tmp_path):
+    environ.setenv("DATABASE_POOL_SIZE", "4")
+    environ.setenv("DATABASE_MAX_OVERFLOW", "2")
+    options = DevelopmentConfig().SQLALCHEMY_ENGINE_OPTIONS
+    assert (options["pool_size"], options["max_overflow"], options["pool_pre_ping"]) == (4, 2, True)
+    environ.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/pool.db")
+    app = create_app(DevelopmentConfig())
+    with app.app_context():
+        from chatapp.extensions import db
+
+        assert (db.engine.pool.size(), db.engine.pool._max_overflow) == (4, 2)
+        db.engine.dispose()
+    environ.setenv("DATABASE_URL", "sqlite://")
+    in_memory = create_app(DevelopmentConfig())
+    assert "pool_size" not in in_memory.config["SQLALCHEMY_ENGINE_OPTIONS"]
 
 
 def test_environment_is_read_when_the_config_is_built(environ):
