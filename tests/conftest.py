@@ -1,5 +1,6 @@
 """Fixtures: app -> client -> db -> auth, on SQLite and (with TEST_DATABASE_URL) on PostgreSQL,
 with a real agent HTTP server on loopback."""
+import logging
 import os
 import shutil
 import time
@@ -11,6 +12,7 @@ from flask_migrate import upgrade
 from sqlalchemy import create_engine, event, func, select, text
 
 from chatapp import create_app
+from chatapp.agent_client import OpenAIChatAgent
 from chatapp.extensions import db as _db
 from chatapp.models import Conversation, Message
 from config import TestingConfig, database_url
@@ -123,6 +125,44 @@ def agent_server():
     """A real OpenAI-compatible agent on 127.0.0.1, scripted per test."""
     with AgentServer() as server:
         yield server
+
+
+@pytest.fixture
+def make_agent(request):
+    """OpenAIChatAgent factory with test-sized timeouts (the deadline: the test module's
+    AGENT_DEADLINE); every agent is closed afterwards."""
+    deadline = getattr(request.module, "AGENT_DEADLINE", 1.0)
+    agents = []
+
+    def make(url, **settings):
+        agent = OpenAIChatAgent(url, **{"connect_timeout": 0.5, "timeout": deadline, "max_retries": 2, **settings})
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.close()
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def agent_log():
+    """The agent client's log records, whatever other tests did to the chatapp loggers."""
+    logger = logging.getLogger("chatapp.agent_client")
+    handler, level = _Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler.records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture

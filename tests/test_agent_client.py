@@ -11,7 +11,8 @@ from chatapp.errors import AgentUnavailable
 from tests.agent_server import USAGE, AgentServer, Close, Drip, Echo, Hang, Raw, Reply, closed_port_url, completion
 
 API_KEY = "sk-test-secret-key-0123456789"
-DEADLINE = 1.0
+DEADLINE = 1.0  # the agents of make_agent (conftest) get this AGENT_DEADLINE
+AGENT_DEADLINE = DEADLINE
 MARGIN = 0.5
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -23,44 +24,8 @@ def server():
 
 
 @pytest.fixture
-def make_agent():
-    """OpenAIChatAgent factory with test-sized timeouts; every agent is closed afterwards."""
-    agents = []
-
-    def make(url, **settings):
-        agent = OpenAIChatAgent(url, **{"connect_timeout": 0.5, "timeout": DEADLINE, "max_retries": 2, **settings})
-        agents.append(agent)
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.close()
-
-
-@pytest.fixture
 def agent(server, make_agent):
     return make_agent(server.url, api_key=API_KEY)
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-@pytest.fixture
-def agent_log():
-    """The agent client's log records, whatever other tests did to the chatapp loggers."""
-    logger = logging.getLogger("chatapp.agent_client")
-    handler, level = _Collect(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler.records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def fail(agent, **kwargs):

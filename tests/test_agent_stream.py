@@ -1,12 +1,11 @@
 """The agent client's streams against a real HTTP server on loopback: pieces, retries, deadlines, failures."""
 import json
-import logging
 import threading
 import time
 
 import pytest
 
-from chatapp.agent_client import AgentStream, EchoAgent, OpenAIChatAgent, build_agent
+from chatapp.agent_client import AgentStream, EchoAgent, build_agent
 from chatapp.errors import AgentUnavailable
 from tests.agent_server import (
     USAGE, AgentServer, Close, DripStream, Echo, Hang, Raw, Stream, StreamEcho, closed_port_url, completion_chunk, sse,
@@ -15,6 +14,7 @@ from tests.agent_server import (
 
 API_KEY = "sk-test-secret-key-0123456789"
 TIMEOUT = 0.5  # the first-token and gap deadlines
+AGENT_DEADLINE = TIMEOUT  # for make_agent (conftest)
 MARGIN = 0.4
 MESSAGES = [{"role": "user", "content": "Hi"}]
 SSE = {"Content-Type": "text/event-stream"}
@@ -27,44 +27,8 @@ def server():
 
 
 @pytest.fixture
-def make_agent():
-    """OpenAIChatAgent factory with test-sized timeouts; every agent is closed afterwards."""
-    agents = []
-
-    def make(url, **settings):
-        agent = OpenAIChatAgent(url, **{"connect_timeout": 0.5, "timeout": TIMEOUT, "max_retries": 2, **settings})
-        agents.append(agent)
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.close()
-
-
-@pytest.fixture
 def agent(server, make_agent):
     return make_agent(server.url, api_key=API_KEY)
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-@pytest.fixture
-def agent_log():
-    """The agent client's log records, whatever other tests did to the chatapp loggers."""
-    logger = logging.getLogger("chatapp.agent_client")
-    handler, level = _Collect(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler.records
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def read_all(stream: AgentStream) -> tuple[list[str], AgentUnavailable | None, float]:
