@@ -1,12 +1,11 @@
 """The chat endpoint from the outside: the happy path, the context sent to the agent, every error row."""
-import json
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from chatapp.extensions import db
-from tests.agent_server import Raw, Reply
+from tests.agent_server import Reply
 from tests.conftest import Chat
 
 

@@ -8,7 +8,7 @@ import time
 import jwt as pyjwt
 import pytest
 
-from tests.agent_server import Raw, Reply
+from tests.agent_server import Raw
 from tests.conftest import TEST_SECRET, make_app
 from tests.test_chat_api import assert_error
 

@@ -7,7 +7,6 @@ from sqlalchemy import func, select
 
 from chatapp.extensions import db
 from chatapp.models import IdempotencyKey, Message
-from tests.conftest import Chat
 from tests.test_chat_api import assert_error
 
 

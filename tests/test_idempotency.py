@@ -3,7 +3,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from chatapp.extensions import db
 from chatapp.models import Conversation, IdempotencyKey, utcnow
