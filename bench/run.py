@@ -427,7 +427,7 @@ def main(argv=None) -> int:
                 "CHATAPP_ENV": "production",
                 "RATE_LIMIT": f"{BENCH_RATE_LIMIT} (the per-user limit would otherwise answer 429 under load)",
                 "extra service settings": ", ".join(opts.env) or "none",
-                "app checkout": str(opts.app_dir),
+                "app checkout": "this one" if opts.app_dir.resolve() == ROOT else f"another ({opts.app_dir.name})",
                 "load generator": f"wrk, --timeout 10s; S0-S2 {CONNECTIONS} threads x 1 connection, "
                                   f"S3 4 threads x {SLOW_CONNECTIONS // 4} connections, S4 1 x 1",
                 "users": f"{USERS} (tokens HS256 with sub, iat, exp)",
