@@ -26,8 +26,8 @@ def pytest_addoption(parser):
     parser.addoption(
         "--require-services",
         action="store_true",
-        help="fail, instead of skipping, what needs PostgreSQL (TEST_DATABASE_URL), Redis (TEST_REDIS_URL) "
-        "or the PostgreSQL server binaries when they are unusable",
+        help="fail, instead of skipping, what needs PostgreSQL (TEST_DATABASE_URL), Redis (TEST_REDIS_URL), "
+        "the PostgreSQL server binaries or the bench tools (make bench-deps) when they are unusable",
     )
 
 
