@@ -103,6 +103,15 @@ class Close:
         handler.close_connection = True
 
 
+def last_message(handler: "_Handler", request: RecordedRequest):
+    """The content of the request's last message; None after answering 400 when there is none."""
+    try:
+        return request.json["messages"][-1]["content"]
+    except (TypeError, LookupError):
+        handler.send(400, b'{"error": {"message": "messages is required"}}')
+        return None
+
+
 @dataclass
 class Echo:
     """The default: a completion whose content is `prefix` + the last message's content, after `delay`;
@@ -112,10 +121,8 @@ class Echo:
     delay: float = 0.0
 
     def respond(self, handler: "_Handler", request: RecordedRequest) -> None:
-        try:
-            last = request.json["messages"][-1]["content"]
-        except (TypeError, LookupError):
-            handler.send(400, b'{"error": {"message": "messages is required"}}')
+        last = last_message(handler, request)
+        if last is None:
             return
         if request.json.get("stream") is True:
             # Asked for a stream, it streams: one default serves both ways of calling the agent.
@@ -245,12 +252,9 @@ class StreamEcho:
     interval: float = 0.0
 
     def respond(self, handler: "_Handler", request: RecordedRequest) -> None:
-        try:
-            last = request.json["messages"][-1]["content"]
-        except (TypeError, LookupError):
-            handler.send(400, b'{"error": {"message": "messages is required"}}')
-            return
-        Stream(words(self.prefix + str(last)), usage=USAGE, interval=self.interval).respond(handler, request)
+        last = last_message(handler, request)
+        if last is not None:
+            Stream(words(self.prefix + str(last)), usage=USAGE, interval=self.interval).respond(handler, request)
 
 
 @dataclass
