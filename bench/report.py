@@ -36,6 +36,13 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
+def non2xx_text(run: dict) -> str:
+    """A run's non-2xx count, with the statuses behind it: "2 (409: 1, 503: 1)"."""
+    failed = {status: count for status, count in run.get("statuses", {}).items() if not 200 <= int(status) <= 299}
+    detail = ", ".join(f"{status}: {count}" for status, count in sorted(failed.items()))
+    return f"{run['non2xx']} ({detail})" if detail else str(run["non2xx"])
+
+
 def _num(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -137,7 +144,7 @@ def markdown(results: dict) -> str:
         entry = scenarios.get(key)
         for index, run in enumerate(entry["runs"] if entry else [], 1):
             lines.append(f"| {key} | {index} | {_num(run['rps'])} | {_num(run['p50_ms'], 2)} | {_num(run['p99_ms'], 2)} | "
-                         f"{run['requests']} | {run['non2xx']} | {run['socket_errors']} |")
+                         f"{run['requests']} | {non2xx_text(run)} | {run['socket_errors']} |")
 
     lines += ["", "## Machine and settings", ""]
     lines += [f"- {name}: {value}" for name, value in meta["machine"].items()]

@@ -172,7 +172,7 @@ class Bench:
         entry = self.results["scenarios"].setdefault(key, {"connections": connections, "runs": []})
         entry["runs"].append(run)
         log(f"{key}: {run['rps']:,.1f} req/s, p50 {run['p50_ms']:.2f} ms, p99 {run['p99_ms']:.2f} ms, "
-            f"non-2xx {run['non2xx']}, socket errors {run['socket_errors']}")
+            f"non-2xx {report.non2xx_text(run)}, socket errors {run['socket_errors']}")
 
     def measure(self, key: str, url: str, connections: int, threads: int, script_args: list[str],
                 during=None, duration=None, runs=None) -> None:
@@ -181,6 +181,8 @@ class Bench:
         if self.opts.warmup:
             run_wrk(url, connections=connections, threads=threads, duration=self.opts.warmup, script_args=script_args)
         for _ in range(runs or self.opts.runs):
+            if not self.service.wait_idle():
+                log(f"{key}: turns of the previous run still in flight after 15 s")
             sampler = during() if during else None
             try:
                 run = run_wrk(url, connections=connections, threads=threads, duration=duration, script_args=script_args)

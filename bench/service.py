@@ -138,6 +138,22 @@ class Service:
         except requests.RequestException:
             return False
 
+    def wait_idle(self, timeout: float = 15) -> bool:
+        """Wait until no turn is in flight (the app's own gauge, summed over the workers): wrk drops
+        its connections at the end of a run, but the turns they sent still run to their end, and a
+        turn still holding its conversation would answer the next run's first turn on it with 409."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                text = requests.get(self.url + "/metrics", timeout=2).text
+            except requests.RequestException:
+                text = ""
+            for line in text.splitlines():
+                if line.startswith("chatapp_turns_in_flight ") and float(line.split()[1]) == 0:
+                    return True
+            time.sleep(0.05)
+        return False
+
     def worker_pids(self) -> list[int]:
         return children(self.process.pid) if self.process else []
 
