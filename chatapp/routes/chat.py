@@ -1,4 +1,5 @@
 """POST /api/<user_id>/chat: the five steps of the contract, in order."""
+import functools
 import json
 
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
@@ -17,12 +18,21 @@ from chatapp.schemas import ChatRequestSchema, ChatResponseSchema, idempotency_k
 bp = Blueprint("chat", __name__)
 
 
+# Schema instances are stateless between calls: built once, shared by every thread.
+_CHAT_RESPONSE = ChatResponseSchema()
+
+
+@functools.cache
+def chat_request_schema(default_model: str | None, allowed_models: tuple[str, ...]) -> ChatRequestSchema:
+    """The request schema for an app's model settings, built once."""
+    return ChatRequestSchema(default_model=default_model, allowed_models=allowed_models)
+
+
 def load_chat_request(user_id: str) -> dict:
     """Step 1: the path's user id, the JSON body and the idempotency key, validated."""
     check_user_id(user_id)
-    schema = ChatRequestSchema(
-        default_model=current_app.config["DEFAULT_MODEL"], allowed_models=current_app.config["ALLOWED_MODELS"]
-    )
+    config = current_app.config
+    schema = chat_request_schema(config["DEFAULT_MODEL"], tuple(config["ALLOWED_MODELS"] or ()))
     chat_request = schema.load(json_body())
     chat_request["idempotency_key"] = idempotency_key(request.headers.get("Idempotency-Key"), chat_request.pop("request_id"))
     return chat_request
@@ -30,7 +40,7 @@ def load_chat_request(user_id: str) -> dict:
 
 def render_chat_response(turn: ChatTurn) -> str:
     """The ChatResponse body, exactly as sent (and stored for idempotent replays)."""
-    return current_app.json.dumps(ChatResponseSchema().dump(turn))
+    return current_app.json.dumps(_CHAT_RESPONSE.dump(turn))
 
 
 def chat_response(result: TurnResult) -> Response:

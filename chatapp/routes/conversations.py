@@ -14,6 +14,10 @@ from chatapp.schemas import (
 )
 
 bp = Blueprint("conversations", __name__, url_prefix="/api/<user_id>/conversations")
+# Schema instances are stateless between calls: built once, shared by every thread.
+_LIST_QUERY, _LIST = ConversationListQuerySchema(), ConversationListSchema()
+_CONVERSATION = ConversationSchema()
+_MESSAGES_QUERY, _MESSAGES = MessageListQuerySchema(), MessageListSchema()
 
 
 @bp.get("")
@@ -25,10 +29,10 @@ bp = Blueprint("conversations", __name__, url_prefix="/api/<user_id>/conversatio
 )
 def list_conversations(user_id: str):
     check_user_id(user_id)
-    query = query_params(ConversationListQuerySchema())  # 1. validate
+    query = query_params(_LIST_QUERY)  # 1. validate
     authenticate(user_id)  # 2. authenticate
     page = history_service.list_conversations(user_id, query["limit"], query["before"])  # 3. read
-    return ConversationListSchema().dump(page)  # 5. return
+    return _LIST.dump(page)  # 5. return
 
 
 @bp.get("/<conversation_id>")
@@ -42,7 +46,7 @@ def get_conversation(user_id: str, conversation_id: str):
     check_user_id(user_id)  # 1. validate
     authenticate(user_id)  # 2. authenticate
     conversation = history_service.get_conversation(user_id, conversation_id)  # 3. resolve
-    return ConversationSchema().dump(conversation)  # 5. return
+    return _CONVERSATION.dump(conversation)  # 5. return
 
 
 @bp.get("/<conversation_id>/messages")
@@ -55,10 +59,10 @@ def get_conversation(user_id: str, conversation_id: str):
 )
 def list_messages(user_id: str, conversation_id: str):
     check_user_id(user_id)
-    query = query_params(MessageListQuerySchema())  # 1. validate
+    query = query_params(_MESSAGES_QUERY)  # 1. validate
     authenticate(user_id)  # 2. authenticate
     page = history_service.list_messages(user_id, conversation_id, query["limit"], query["before"])  # 3. read
-    return MessageListSchema().dump(page)  # 5. return
+    return _MESSAGES.dump(page)  # 5. return
 
 
 @bp.delete("/<conversation_id>")
