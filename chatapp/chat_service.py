@@ -199,11 +199,10 @@ def store_turn(turn: PendingTurn, reply: AgentReply, agent_ms: float) -> TurnRes
         if not queries.finish_conversation_turn(conversation_id, conversation.token, first_seq + 1, answered_at):
             raise ConversationBusy()  # our claim expired and another turn took the conversation
     message_id = uuid.uuid4()
-    common = {"conversation_id": conversation_id}
-    rows = [
-        {**common, "id": uuid.uuid4(), "seq": first_seq, "role": "user", "content": user_message, "created_at": turn.asked_at},
-        {**common, "id": message_id, "seq": first_seq + 1, "role": "assistant", "content": reply.content, "created_at": answered_at},
-    ]
+    user_row = {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": first_seq, "role": "user",
+                "content": user_message, "created_at": turn.asked_at}
+    assistant_row = {"id": message_id, "conversation_id": conversation_id, "seq": first_seq + 1, "role": "assistant",
+                     "content": reply.content, "created_at": answered_at}
     body = turn.render(
         ChatTurn(
             conversation_id=str(conversation_id),
@@ -216,7 +215,7 @@ def store_turn(turn: PendingTurn, reply: AgentReply, agent_ms: float) -> TurnRes
         )
     )
     try:
-        queries.insert_messages(rows)
+        queries.insert_messages([user_row, assistant_row])
     except IntegrityError:
         # The unique (conversation_id, seq) index: the last guard against interleaved turns.
         raise ConversationBusy() from None

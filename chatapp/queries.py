@@ -3,7 +3,7 @@ import uuid
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import delete, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 
 from chatapp.extensions import db
@@ -15,6 +15,65 @@ conversations = Conversation.__table__
 messages = Message.__table__
 # Plain ORM-enabled UPDATE/DELETE elsewhere: nothing loaded needs synchronizing.
 _BULK = {"synchronize_session": False}
+
+
+def _param(name: str, column):
+    """A named parameter of a statement built once, typed like the column it is compared to."""
+    return bindparam(name, type_=column.type)
+
+
+# The statements of every turn are built once, with named parameters: building a statement and
+# computing its cache key on every call cost a turn more CPU than running it did.
+_CLAIM_CONVERSATION = (
+    update(conversations)
+    .where(
+        conversations.c.id == _param("conversation_id", conversations.c.id),
+        conversations.c.user_id == _param("owner", conversations.c.user_id),
+        or_(conversations.c.claimed_until.is_(None), conversations.c.claimed_until < _param("now", conversations.c.claimed_until)),
+    )
+    .values(claim_token=_param("new_token", conversations.c.claim_token), claimed_until=_param("until", conversations.c.claimed_until))
+    .returning(conversations.c.message_count)
+)
+_FINISH_CONVERSATION_TURN = (
+    update(conversations)
+    .where(
+        conversations.c.id == _param("conversation_id", conversations.c.id),
+        conversations.c.claim_token == _param("token", conversations.c.claim_token),
+    )
+    .values(
+        message_count=_param("new_message_count", conversations.c.message_count),
+        updated_at=_param("now", conversations.c.updated_at),
+        claim_token=None,
+        claimed_until=None,
+    )
+)
+_INSERT_CONVERSATION = insert(conversations)
+# A turn stores two messages in one statement: with RETURNING, SQLAlchemy sends an executemany of
+# an INSERT as one multi-row INSERT ("insertmanyvalues"), cached once compiled; without it, psycopg
+# runs an executemany as a pipeline, which costs a turn more.
+_INSERT_MESSAGES = insert(messages).returning(messages.c.seq)
+
+
+def _recent_history_statement():
+    """The latest `max_messages` messages of a conversation, with the characters of each and of
+    the newer ones (newest first), through the (conversation_id, seq) index."""
+    latest = (
+        select(messages.c.seq, messages.c.role, messages.c.content)
+        .where(messages.c.conversation_id == _param("conversation_id", messages.c.conversation_id))
+        .order_by(messages.c.seq.desc())
+        .limit(bindparam("max_messages"))
+        .subquery()
+    )
+    newest_first_chars = func.sum(func.length(latest.c.content)).over(order_by=latest.c.seq.desc())
+    windowed = select(latest, newest_first_chars.label("chars_so_far")).subquery()
+    return (
+        select(windowed.c.role, windowed.c.content)
+        .where(windowed.c.chars_so_far <= bindparam("max_chars"))
+        .order_by(windowed.c.seq)
+    )
+
+
+_RECENT_HISTORY = _recent_history_statement()
 
 
 class StoredKey(NamedTuple):
@@ -30,14 +89,8 @@ def claim_conversation(user_id: str, conversation_id: uuid.UUID, token: uuid.UUI
     """Hold the user's conversation for one turn, atomically, unless another turn holds it.
     Its message count when claimed; None when it is held, another user's or absent."""
     row = db.session.execute(
-        update(conversations)
-        .where(
-            conversations.c.id == conversation_id,
-            conversations.c.user_id == user_id,
-            or_(conversations.c.claimed_until.is_(None), conversations.c.claimed_until < now),
-        )
-        .values(claim_token=token, claimed_until=until)
-        .returning(conversations.c.message_count)
+        _CLAIM_CONVERSATION,
+        {"conversation_id": conversation_id, "owner": user_id, "now": now, "new_token": token, "until": until},
     ).first()
     return row[0] if row else None
 
@@ -52,21 +105,20 @@ def conversation_exists(user_id: str, conversation_id: uuid.UUID) -> bool:
 def finish_conversation_turn(conversation_id: uuid.UUID, token: uuid.UUID, message_count: int, now: datetime) -> bool:
     """Record the turn's new message count and release the claim, if it is still ours."""
     result = db.session.execute(
-        update(conversations)
-        .where(conversations.c.id == conversation_id, conversations.c.claim_token == token)
-        .values(message_count=message_count, updated_at=now, claim_token=None, claimed_until=None)
+        _FINISH_CONVERSATION_TURN,
+        {"conversation_id": conversation_id, "token": token, "new_message_count": message_count, "now": now},
     )
     return result.rowcount == 1
 
 
 def insert_conversation(values: dict) -> None:
     """A new conversation row."""
-    db.session.execute(insert(conversations).values(**values))
+    db.session.execute(_INSERT_CONVERSATION, values)
 
 
 def insert_messages(rows: list[dict]) -> None:
-    """Message rows, in one statement (executemany)."""
-    db.session.execute(insert(messages), rows)
+    """Message rows, in one statement."""
+    db.session.execute(_INSERT_MESSAGES, rows).all()
 
 
 def release_conversation(conversation_id: uuid.UUID, token: uuid.UUID) -> None:
@@ -85,19 +137,8 @@ def recent_history(conversation_id: uuid.UUID, max_messages: int, max_chars: int
     (conversation_id, seq) index, whatever the length of the conversation."""
     if max_messages <= 0:
         return []
-    latest = (
-        select(messages.c.seq, messages.c.role, messages.c.content)
-        .where(messages.c.conversation_id == conversation_id)
-        .order_by(messages.c.seq.desc())
-        .limit(max_messages)
-        .subquery()
-    )
-    newest_first_chars = func.sum(func.length(latest.c.content)).over(order_by=latest.c.seq.desc())
-    windowed = select(latest, newest_first_chars.label("chars_so_far")).subquery()
     rows = db.session.execute(
-        select(windowed.c.role, windowed.c.content)
-        .where(windowed.c.chars_so_far <= max_chars)
-        .order_by(windowed.c.seq)
+        _RECENT_HISTORY, {"conversation_id": conversation_id, "max_messages": max_messages, "max_chars": max_chars}
     )
     return [(role, content) for role, content in rows]
 
