@@ -1,6 +1,5 @@
 """The agent: an OpenAI-compatible chat-completions client, whole or streamed, with deadlines; a development echo."""
 import email.utils
-import http.cookiejar
 import json
 import logging
 import random
@@ -107,19 +106,16 @@ class OpenAIChatAgent:
         self.stream_timeout = stream_timeout
         self.max_retries = max_retries
         self.max_response_bytes = max_response_bytes
-        self._session = requests.Session()
+        # Requests go straight to a pooled transport adapter, prepared from a template: a
+        # requests.Session would merge settings, run hooks and keep cookies on every call (a tenth
+        # of a turn's CPU), and no cookie may carry over between users' turns anyway.
         # max_retries=0: retries are ours, so they share the deadline and honour Retry-After.
-        adapter = HTTPAdapter(pool_maxsize=POOL_MAXSIZE, max_retries=0)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        # The session is shared by every user's turn: no cookie may carry over between them.
-        self._session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        # Proxy settings are read from the environment once, not on every call (requests re-reads
-        # os.environ and ~/.netrc per request when trust_env is on: a measurable share of a turn).
+        self._adapter = HTTPAdapter(pool_maxsize=POOL_MAXSIZE, max_retries=0)
+        self._template = requests.Request("POST", self._url).prepare()
+        # Proxy settings are read from the environment once, not on every call.
         self._proxies = requests.utils.get_environ_proxies(self._url)
-        self._session.trust_env = False
         # Apps that never call close() still close their sockets when the agent is collected.
-        self._close = weakref.finalize(self, self._session.close)
+        self._close = weakref.finalize(self, self._adapter.close)
 
     def __repr__(self) -> str:
         # Never show the URL or the key, even in a debugger or a log line.
@@ -212,15 +208,15 @@ class OpenAIChatAgent:
     def _post(self, body: bytes, headers: dict, deadline: float) -> requests.Response:
         """One POST whose answer has a 2xx status, its body unread; else _AttemptFailed."""
         remaining = _remaining(deadline)
+        request = self._template.copy()
+        request.prepare_headers(headers)
+        request.prepare_body(body, None)
         try:
-            response = self._session.post(
-                self._url,
-                data=body,
-                headers=headers,
+            response = self._adapter.send(
+                request,
+                stream=True,
                 # The read timeout is the rest of the deadline: one that fires means time is up.
                 timeout=(min(self.connect_timeout, remaining), remaining),
-                stream=True,
-                allow_redirects=False,
                 proxies=self._proxies,
             )
         except requests.exceptions.ConnectTimeout:
