@@ -1,9 +1,12 @@
 """Logging to stdout: JSON lines in production, readable text in development."""
+import atexit
 import json
 import logging
+import queue
 import sys
 import time
 from datetime import datetime, timezone
+from logging.handlers import QueueHandler, QueueListener
 
 from flask import Flask, g, has_app_context, request
 
@@ -36,9 +39,46 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class HandOffHandler(QueueHandler):
+    """Formats a record in the thread that logs it and hands the line to the writer thread.
+
+    A StreamHandler writes under a lock: with dozens of request threads, the thread holding it
+    waits for the GIL after its write, and every other request queues behind that lock. Putting
+    on a SimpleQueue needs no lock, so this handler takes none."""
+
+    def handle(self, record):
+        passed = self.filter(record)  # a filter may return a replacement record (Python 3.12)
+        if passed:
+            self.emit(passed if isinstance(passed, logging.LogRecord) else record)
+        return passed
+
+
+_writer: QueueListener | None = None
+
+
+def stop_log_writer() -> None:
+    """Write out what is queued and stop the writer thread (at exit, or before a new one)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
+
+atexit.register(stop_log_writer)
+
+
 def configure_logging(app: Flask) -> None:
-    """Send the app's and the library loggers' records to stdout in the configured format."""
-    handler = logging.StreamHandler(sys.stdout)
+    """Send the app's and the library loggers' records to stdout in the configured format; in
+    tests synchronously, otherwise through one writer thread per process."""
+    global _writer
+    if app.testing:
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        stop_log_writer()
+        lines = queue.SimpleQueue()
+        _writer = QueueListener(lines, logging.StreamHandler(sys.stdout))
+        _writer.start()
+        handler = HandOffHandler(lines)
     handler.addFilter(RequestIdFilter())
     if app.config["LOG_FORMAT"] == "json":
         handler.setFormatter(JsonFormatter())
