@@ -1,13 +1,14 @@
 """The chatapp application factory."""
 import os
 
+import click
 from flask import Flask
 from flask_cors import CORS
 from sqlalchemy.engine import make_url
 
 from chatapp import agent_client, cli, errors, log_config, metrics, rate_limit, request_ids
 from chatapp.auth import register_jwt_loaders
-from chatapp.extensions import db, jwt, migrate
+from chatapp.extensions import db, jwt
 from chatapp.routes import chat, conversations, docs, health
 from config import Config, config_from_env
 
@@ -51,7 +52,8 @@ def configure_database(app: Flask) -> None:
 
 def register_extensions(app: Flask) -> None:
     db.init_app(app)
-    migrate.init_app(app, db, directory=MIGRATIONS_DIR)
+    if app.testing or click.get_current_context(silent=True) is not None:
+        register_migrations(app)
     jwt.init_app(app)
     register_jwt_loaders(jwt)
     rate_limit.register_rate_limit(app)
@@ -63,6 +65,15 @@ def register_extensions(app: Flask) -> None:
             expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed", "WWW-Authenticate"],
             max_age=600,
         )
+
+
+def register_migrations(app: Flask) -> None:
+    """Flask-Migrate, for the `flask db` commands (and the tests' migrations). Serving never needs
+    it, and Alembic and Mako would cost each gunicorn worker about 12 MB: only the command line
+    (a click context while the app is built) and tests load it."""
+    from flask_migrate import Migrate
+
+    Migrate(app, db, directory=MIGRATIONS_DIR)
 
 
 def register_blueprints(app: Flask) -> None:

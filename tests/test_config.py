@@ -136,3 +136,22 @@ def test_wsgi_refuses_production_without_settings_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "chatapp: configuration error: JWT_SECRET_KEY must be set to at least 32 bytes in production (or set JWT_PUBLIC_KEY)"
     ]
+
+
+def test_serving_does_not_load_the_migration_tools(tmp_path):
+    """Alembic and Mako cost each gunicorn worker about 12 MB: only `flask db` loads them."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("JWT_", "AGENT_", "CHATAPP_", "DATABASE_"))}
+    env.update(CHATAPP_ENV="production", JWT_SECRET_KEY="s" * 40, AGENT_URL="http://127.0.0.1:9/v1",
+               DATABASE_URL=f"sqlite:///{tmp_path / 'app.db'}")
+    probe = "import sys, wsgi; print(sorted(m for m in ('alembic', 'mako', 'flask_migrate') if m in sys.modules))"
+    served = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert served.stdout.strip() == "[]", served.stderr
+
+    flask = Path(sys.executable).parent / "flask"
+    migrated = subprocess.run([flask, "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert migrated.returncode == 0, migrated.stderr
+    tables = subprocess.run(
+        [sys.executable, "-c", f"import sqlite3; print(sorted(r[0] for r in sqlite3.connect({str(tmp_path / 'app.db')!r}).execute(\"select name from sqlite_master where type='table'\")))"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert tables.stdout.strip() == "['alembic_version', 'conversations', 'idempotency_keys', 'messages']"
