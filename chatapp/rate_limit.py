@@ -1,13 +1,14 @@
-"""The per-user rate limit of the chat endpoint: the `limits` library's moving window, kept in
-memory or in Redis.
+"""The per-user rate limit of the chat endpoint: a moving window, kept in this process, or in Redis
+(the `limits` library) so that every process and host shares one budget.
 
 The view calls enforce_rate_limit() right after authenticate(): the contract wants requests that
-fail steps 1 or 2 to use no quota. (Flask-Limiter, built on the same library, checks before the
-view and adds three hooks to every request of the app; the one limit here needs none of them.)"""
+fail steps 1 or 2 to use no quota. (Flask-Limiter checks before the view, and adds three hooks to
+every request of the app; the one limit here needs none of them.)"""
 import logging
 import math
+import threading
 import time
-from typing import NamedTuple
+from collections import deque
 
 from flask import Flask, current_app
 from limits import RateLimitItem, parse
@@ -21,30 +22,69 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "chatapp"
 
 
-class ChatRateLimit(NamedTuple):
-    limiter: MovingWindowRateLimiter
-    rate: RateLimitItem
+class ProcessWindow:
+    """A moving window per user, in this process: the times of the user's requests within the
+    last window. (limits' own memory storage starts a thread every 10 ms to expire its entries:
+    under load, one thread for every few turns.)"""
+
+    SWEEP_EVERY = 1024  # requests between two removals of the users who have gone quiet
+
+    def __init__(self, rate: RateLimitItem, clock=time.monotonic):
+        self.limit = rate.amount
+        self.seconds = rate.get_expiry()
+        self._clock = clock
+        self._hits: dict[str, deque] = {}
+        self._lock = threading.Lock()
+        self._until_sweep = self.SWEEP_EVERY
+
+    def hit(self, user_id: str) -> float | None:
+        """Count one request of the user: None when it is allowed, else the seconds until the
+        oldest request in the window leaves it (the request is then not counted)."""
+        now = self._clock()
+        window_start = now - self.seconds
+        with self._lock:
+            hits = self._hits.setdefault(user_id, deque())
+            while hits and hits[0] <= window_start:
+                hits.popleft()
+            if len(hits) >= self.limit:
+                return hits[0] - window_start
+            hits.append(now)
+            self._until_sweep -= 1
+            if self._until_sweep <= 0:
+                self._until_sweep = self.SWEEP_EVERY
+                for quiet in [user for user, times in self._hits.items() if times[-1] <= window_start]:
+                    del self._hits[quiet]
+        return None
+
+
+class SharedWindow:
+    """The moving window in Redis at REDIS_URL, shared by every process and host."""
+
+    def __init__(self, rate: RateLimitItem, redis_url: str):
+        # A Redis that is down must cost a request little time: fail fast, then fail open.
+        storage = storage_from_string(redis_url, socket_connect_timeout=0.25, socket_timeout=0.25)
+        self._limiter = MovingWindowRateLimiter(storage)
+        self._rate = rate
+
+    def hit(self, user_id: str) -> float | None:
+        if self._limiter.hit(self._rate, KEY_PREFIX, "chat", user_id):
+            return None
+        return self._limiter.get_window_stats(self._rate, KEY_PREFIX, "chat", user_id).reset_time - time.time()
 
 
 def register_rate_limit(app: Flask) -> None:
-    """Storage in memory, or Redis at REDIS_URL so that every process and host shares one budget."""
-    if app.config["REDIS_URL"]:
-        # A Redis that is down must cost a request little time: fail fast, then fail open.
-        storage = storage_from_string(app.config["REDIS_URL"], socket_connect_timeout=0.25, socket_timeout=0.25)
-    else:
-        storage = storage_from_string("memory://")
-    app.extensions["chat_rate_limit"] = ChatRateLimit(MovingWindowRateLimiter(storage), parse(app.config["RATE_LIMIT"]))
+    rate = parse(app.config["RATE_LIMIT"])
+    redis_url = app.config["REDIS_URL"]
+    app.extensions["chat_rate_limit"] = SharedWindow(rate, redis_url) if redis_url else ProcessWindow(rate)
 
 
 def enforce_rate_limit(user_id: str) -> None:
     """Count one chat request for the user; 429 with Retry-After past RATE_LIMIT. If the storage
     is unreachable the request goes through (fail open) and the failure is logged."""
-    limiter, rate = current_app.extensions["chat_rate_limit"]
     try:
-        if limiter.hit(rate, KEY_PREFIX, "chat", user_id):
-            return
-        reset_at = limiter.get_window_stats(rate, KEY_PREFIX, "chat", user_id).reset_time
+        wait = current_app.extensions["chat_rate_limit"].hit(user_id)
     except Exception as exc:  # any storage failure: Redis down, timing out, restarting
         log.warning("rate limit storage unavailable, request allowed: %s", type(exc).__name__)
         return
-    raise RateLimited(retry_after=math.ceil(max(1.0, reset_at - time.time())))
+    if wait is not None:
+        raise RateLimited(retry_after=math.ceil(max(1.0, wait)))

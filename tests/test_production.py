@@ -5,9 +5,11 @@ import time
 import uuid
 
 import pytest
+from limits import parse
 
 from chatapp.extensions import db
 from chatapp.log_config import JsonFormatter
+from chatapp.rate_limit import ProcessWindow
 from tests.agent_server import Hang, Raw
 from tests.conftest import Chat, make_app
 from tests.test_chat_api import assert_error
@@ -37,6 +39,38 @@ def test_requests_failing_validation_or_authentication_use_no_quota(chat, client
     for n in range(3):
         chat.turn(f"hi {n}")
     assert_error(chat.post({"message": "hi"}), 429, "rate_limited")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_process_window_moves_with_time():
+    clock = FakeClock()
+    window = ProcessWindow(parse("3 per minute"), clock=clock)
+    for second in (0, 10, 20):
+        clock.now = 1000.0 + second
+        assert window.hit("alice") is None
+    clock.now = 1030.0
+    assert window.hit("alice") == pytest.approx(30.0)  # the request at 1000 leaves the window at 1060
+    assert window.hit("bob") is None  # a budget of one's own
+    clock.now = 1060.0
+    assert window.hit("alice") is None  # the first request has left the window...
+    assert window.hit("alice") == pytest.approx(10.0)  # ...and only it: the next leaves at 1070
+
+
+def test_process_window_forgets_users_who_went_quiet():
+    clock = FakeClock()
+    window = ProcessWindow(parse("5 per minute"), clock=clock)
+    for n in range(ProcessWindow.SWEEP_EVERY - 1):
+        assert window.hit(f"user-{n}") is None
+    clock.now += 61
+    assert window.hit("latest") is None  # the sweep: every other user's window is empty
+    assert list(window._hits) == ["latest"]
 
 
 @pytest.fixture
