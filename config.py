@@ -58,8 +58,8 @@ class Config:
         if self.DATABASE_URL:
             self.SQLALCHEMY_DATABASE_URI = database_url(self.DATABASE_URL)
         self.SQLALCHEMY_ENGINE_OPTIONS = {
-            # Stale connections (a database restart) are replaced at checkout, not failed on.
-            "pool_pre_ping": True,
+            # Stale connections (a database restart) are replaced at checkout, not failed on: those
+            # idle longer than DATABASE_PING_AFTER_IDLE are pinged first (chatapp/extensions.py).
             "pool_recycle": 300,
             # Per process. Turns hold a connection only for their short reads and writes, never
             # while the agent works; keep workers x (size + overflow) under the server's max_connections.
@@ -67,6 +67,7 @@ class Config:
             "max_overflow": _env_int("DATABASE_MAX_OVERFLOW", 16),
             "pool_timeout": _env_float("DATABASE_POOL_TIMEOUT", 10.0),
         }
+        self.DATABASE_PING_AFTER_IDLE = _env_float("DATABASE_PING_AFTER_IDLE", 1.0)
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
 
         self.JWT_SECRET_KEY = _env("JWT_SECRET_KEY", self._default_secret())

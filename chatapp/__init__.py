@@ -8,7 +8,7 @@ from sqlalchemy.engine import make_url
 
 from chatapp import agent_client, cli, errors, log_config, metrics, rate_limit, request_ids
 from chatapp.auth import register_jwt_loaders
-from chatapp.extensions import db, jwt
+from chatapp.extensions import db, jwt, ping_idle_connections
 from chatapp.routes import chat, conversations, docs, health
 from config import Config, config_from_env
 
@@ -52,6 +52,7 @@ def configure_database(app: Flask) -> None:
 
 def register_extensions(app: Flask) -> None:
     db.init_app(app)
+    ping_idle_connections(app)
     if app.testing or click.get_current_context(silent=True) is not None:
         register_migrations(app)
     jwt.init_app(app)

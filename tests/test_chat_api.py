@@ -1,7 +1,9 @@
 """The chat endpoint from the outside: the happy path, the context sent to the agent, every error row."""
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import psycopg
 import pytest
 
 from chatapp.extensions import db
@@ -166,6 +168,43 @@ def test_no_database_connection_is_held_while_the_agent_works(app, chat, agent_s
     assert seen == [0, 0]
 
 
+def count_pings(app, monkeypatch):
+    """The pings of pooled connections at checkout, counted (PostgreSQL only: SQLite has none)."""
+    with app.app_context():
+        engine = db.engine
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite connections are never pinged")
+    pings = []
+    real_ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda connection: pings.append(1) or real_ping(connection))
+    return engine, pings
+
+
+def test_a_connection_used_a_moment_ago_is_not_pinged(app, chat, monkeypatch):
+    _engine, pings = count_pings(app, monkeypatch)
+    conversation_id = chat.turn("one")["conversation_id"]
+    chat.turn("two", conversation_id=conversation_id)
+    chat.turn("three", conversation_id=conversation_id)
+    assert pings == []
+
+
+@pytest.mark.parametrize("config_overrides", [{"DATABASE_PING_AFTER_IDLE": 0.05}])
+def test_a_connection_that_died_while_idle_is_replaced_before_the_turn_uses_it(app, chat, store, monkeypatch):
+    engine, pings = count_pings(app, monkeypatch)
+    conversation_id = chat.turn("before")["conversation_id"]
+    # The pool's connections die while idle (as in a database restart), killed from outside it.
+    with psycopg.connect(engine.url.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+    assert killed >= 1
+    time.sleep(0.1)  # idle past DATABASE_PING_AFTER_IDLE
+
+    assert chat.turn("after", conversation_id=conversation_id)["conversation_id"] == conversation_id
+    assert pings  # the dead connection was found at checkout, not by the turn's first statement
+    assert [m.content for m in store.messages(conversation_id)] == ["before", "You said: before", "after", "You said: after"]
+
+
 @pytest.mark.parametrize("history_length", [3, 300])
 def test_statements_per_turn_do_not_grow_with_history(app, chat, agent_server, count_statements, history_length, store):
     conversation_id = chat.turn("start")["conversation_id"]
@@ -176,7 +215,7 @@ def test_statements_per_turn_do_not_grow_with_history(app, chat, agent_server, c
     assert len(agent_server.requests[-1].json["messages"]) == min(history_length, 50) + 1
 
 
-# SELECT the conversation, SELECT its history, UPDATE its message count, INSERT both messages.
+# UPDATE (claim) the conversation, SELECT its history, UPDATE its message count, INSERT both messages.
 EXPECTED_STATEMENTS_PER_CONTINUED_TURN = 4
 
 

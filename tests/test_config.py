@@ -40,7 +40,10 @@ def test_database_pool_settings(environ, tmp_path):
     environ.setenv("DATABASE_POOL_SIZE", "4")
     environ.setenv("DATABASE_MAX_OVERFLOW", "2")
     options = DevelopmentConfig().SQLALCHEMY_ENGINE_OPTIONS
-    assert (options["pool_size"], options["max_overflow"], options["pool_pre_ping"]) == (4, 2, True)
+    assert (options["pool_size"], options["max_overflow"], options.get("pool_pre_ping")) == (4, 2, None)
+    assert DevelopmentConfig().DATABASE_PING_AFTER_IDLE == 1.0
+    environ.setenv("DATABASE_PING_AFTER_IDLE", "0.5")
+    assert DevelopmentConfig().DATABASE_PING_AFTER_IDLE == 0.5
     environ.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/pool.db")
     app = create_app(DevelopmentConfig())
     with app.app_context():
