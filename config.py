@@ -63,8 +63,8 @@ class Config:
             "pool_recycle": 300,
             # Per process. Turns hold a connection only for their short reads and writes, never
             # while the agent works; keep workers x (size + overflow) under the server's max_connections.
-            "pool_size": _env_int("DATABASE_POOL_SIZE", 16),
-            "max_overflow": _env_int("DATABASE_MAX_OVERFLOW", 16),
+            "pool_size": _env_int("DATABASE_POOL_SIZE", 10),
+            "max_overflow": _env_int("DATABASE_MAX_OVERFLOW", 10),
             "pool_timeout": _env_float("DATABASE_POOL_TIMEOUT", 10.0),
         }
         self.DATABASE_PING_AFTER_IDLE = _env_float("DATABASE_PING_AFTER_IDLE", 1.0)

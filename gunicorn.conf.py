@@ -3,14 +3,17 @@ import os
 import tempfile
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Two workers a core (make bench on 2 cores): each worker's threads share one GIL, and a turn's
+# many short waits (database, agent, client) each hand it over; with 64 threads in each of 2
+# workers, a slow agent (S3) kept 0.62-0.69 of S1's throughput, with 32 in each of 4, 0.74-0.82.
+workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
 # Threads, not processes, wait on the agent: a turn blocked on a slow agent costs one thread.
 worker_class = "gthread"
-# 64 threads per worker hold 128 slow turns in flight on 2 workers (make bench, S3).
-threads = int(os.environ.get("GUNICORN_THREADS", "64"))
+# 4 x 32 threads hold 128 slow turns in flight (S3).
+threads = int(os.environ.get("GUNICORN_THREADS", "32"))
 # gthread keeps accepting until a worker holds worker_connections (default 1000), and keep-alive
-# connections stay with it: one worker would take nearly every connection while the other idles.
-worker_connections = threads + 16
+# connections stay with it: one worker would take most connections while the others idle.
+worker_connections = threads + 8
 # Under gthread `timeout` is a heartbeat, not a request limit; AGENT_TIMEOUT is what bounds a turn.
 # Keep it well above AGENT_TIMEOUT so that a busy worker is never killed mid-turn.
 timeout = int(float(os.environ.get("AGENT_TIMEOUT", "30"))) + 30

@@ -133,7 +133,7 @@ def markdown(results: dict) -> str:
             lines.append("")
             lines.append(f"wrk's {S3_CONNECTIONS} connections per worker, each slow run: {splits}. A connection is "
                          "kept alive and stays with the worker that accepted it: a worker holding more connections "
-                         "than it has threads queues turns while the other has idle threads.")
+                         "than it has threads queues turns while another has idle threads.")
     extra = results.get("notes") or []
     if extra:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in extra]

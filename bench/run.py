@@ -57,10 +57,10 @@ def parse_args(argv):
     parser.add_argument("--sqlite", action="store_true", help="a SQLite file instead of PostgreSQL")
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL,
                         help=f"PostgreSQL database to create, use and drop (default {DEFAULT_PG_URL})")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", 2)),
-                        help="WEB_CONCURRENCY (default: $WEB_CONCURRENCY or 2, gunicorn.conf.py's)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("GUNICORN_THREADS", 64)),
-                        help="GUNICORN_THREADS (default: $GUNICORN_THREADS or 64, gunicorn.conf.py's)")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WEB_CONCURRENCY", 4)),
+                        help="WEB_CONCURRENCY (default: $WEB_CONCURRENCY or 4, gunicorn.conf.py's)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("GUNICORN_THREADS", 32)),
+                        help="GUNICORN_THREADS (default: $GUNICORN_THREADS or 32, gunicorn.conf.py's)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an extra setting for the service (repeatable), e.g. --env LOG_LEVEL=WARNING")
     parser.add_argument("--app-dir", type=Path, default=ROOT, help="the checkout to serve (default: this one)")

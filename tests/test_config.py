@@ -37,6 +37,8 @@ def test_defaults_are_the_contracts(environ):
 
 
 def test_database_pool_settings(environ, tmp_path):
+    options = DevelopmentConfig().SQLALCHEMY_ENGINE_OPTIONS
+    assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (10, 10, 10.0)
     environ.setenv("DATABASE_POOL_SIZE", "4")
     environ.setenv("DATABASE_MAX_OVERFLOW", "2")
     options = DevelopmentConfig().SQLALCHEMY_ENGINE_OPTIONS

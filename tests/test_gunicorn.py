@@ -22,7 +22,7 @@ def load_gunicorn_conf(monkeypatch, **env):
 def test_gunicorn_conf_reads_the_environment(monkeypatch):
     conf = load_gunicorn_conf(monkeypatch, PORT="9123", WEB_CONCURRENCY="3", GUNICORN_THREADS="16", AGENT_TIMEOUT="45")
     assert conf.bind == "0.0.0.0:9123"
-    assert (conf.workers, conf.worker_class, conf.threads, conf.worker_connections) == (3, "gthread", 16, 32)
+    assert (conf.workers, conf.worker_class, conf.threads, conf.worker_connections) == (3, "gthread", 16, 24)
     assert conf.timeout > 45 and conf.graceful_timeout > 45
 
 
@@ -30,7 +30,7 @@ def test_gunicorn_conf_defaults(monkeypatch):
     for name in ("PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "AGENT_TIMEOUT"):
         monkeypatch.delenv(name, raising=False)
     conf = load_gunicorn_conf(monkeypatch)
-    assert (conf.bind, conf.workers, conf.threads, conf.worker_connections) == ("0.0.0.0:8000", 2, 64, 80)
+    assert (conf.bind, conf.workers, conf.threads, conf.worker_connections) == ("0.0.0.0:8000", 4, 32, 40)
     assert conf.timeout > 30
     assert conf.control_socket_disable is True
     assert conf.accesslog is None and conf.errorlog == "-"
