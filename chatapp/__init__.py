@@ -7,7 +7,7 @@ from flask_cors import CORS
 from sqlalchemy.engine import make_url
 
 from chatapp import agent_client, cli, errors, log_config, metrics, rate_limit, request_ids
-from chatapp.auth import register_jwt_loaders
+from chatapp.auth import register_auth
 from chatapp.extensions import db, jwt, ping_idle_connections
 from chatapp.routes import chat, conversations, docs, health
 from config import Config, config_from_env
@@ -55,8 +55,7 @@ def register_extensions(app: Flask) -> None:
     ping_idle_connections(app)
     if app.testing or click.get_current_context(silent=True) is not None:
         register_migrations(app)
-    jwt.init_app(app)
-    register_jwt_loaders(jwt)
+    register_auth(app, jwt)
     rate_limit.register_rate_limit(app)
     if app.config["CORS_ORIGINS"]:
         CORS(

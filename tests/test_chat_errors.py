@@ -144,6 +144,56 @@ def test_expired_token(client, auth, agent_server, store):
     assert store.counts() == (0, 0)
 
 
+def count_verifications(monkeypatch):
+    from chatapp import auth as auth_module
+
+    verified = []
+    real_verify = auth_module._verify
+    monkeypatch.setattr(auth_module, "_verify", lambda token: verified.append(token) or real_verify(token))
+    return verified
+
+
+def test_a_token_is_verified_once_and_its_expiry_on_every_use(chat, auth, agent_server, store, monkeypatch):
+    import chatapp.auth as auth_module
+
+    verified = count_verifications(monkeypatch)
+    token = auth.token(expires_in=60)
+    headers = {"Authorization": f"Bearer {token}"}
+    conversation_id = chat.turn("one", headers=headers)["conversation_id"]
+    chat.turn("two", conversation_id=conversation_id, headers=headers)
+    assert verified == [token]
+
+    # An hour later the same token, already verified, has expired: it is refused all the same.
+    later = time.time() + 3600
+    monkeypatch.setattr(auth_module.time, "time", lambda: later)
+    response = chat.post({"message": "three", "conversation_id": conversation_id}, headers=headers)
+    assert_error(response, 401, "token_expired")
+    assert verified == [token]
+    assert store.counts() == (1, 4)
+
+
+def test_a_token_that_failed_is_checked_again_and_fails_again(client, auth, agent_server, store, monkeypatch):
+    verified = count_verifications(monkeypatch)
+    forged = auth.token(key="another-secret-of-at-least-32-bytes!!")
+    for _ in range(2):
+        response = client.post("/api/alice/chat", json={"message": "hi"}, headers={"Authorization": f"Bearer {forged}"})
+        assert_error(response, 401, "invalid_token")
+    assert verified == [forged, forged]
+    assert store.counts() == (0, 0)
+
+
+def test_verified_tokens_are_bounded(app, auth, monkeypatch):
+    from chatapp.auth import VerifiedTokens, verify_token
+
+    monkeypatch.setattr(VerifiedTokens, "MAX_TOKENS", 3)
+    with app.app_context():
+        tokens = [auth.token(f"user-{n}") for n in range(5)]
+        for token in tokens:
+            verify_token(token)
+        kept = app.extensions["verified_tokens"]._claims
+        assert list(kept) == tokens[2:]
+
+
 def test_other_users_path_is_forbidden(client, auth, agent_server, store):
     response = client.post("/api/bob/chat", json={"message": "hi"}, headers=auth.headers("alice"))
     body = assert_error(response, 403, "forbidden")
