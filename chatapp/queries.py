@@ -139,7 +139,7 @@ def recent_history(conversation_id: uuid.UUID, max_messages: int, max_chars: int
         return []
     rows = db.session.execute(
         _RECENT_HISTORY, {"conversation_id": conversation_id, "max_messages": max_messages, "max_chars": max_chars}
-    )
+    ).all()  # one fetch: iterating the result fetches row by row, a cost that grows with the history
     return [(role, content) for role, content in rows]
 
 
