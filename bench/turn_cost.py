@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 from service import Database, Service
-from stub import AgentStub
+from stub import ECHO_MODULE, AgentStub, nginx_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/bench_turn"
 USER = "bench-user"
 CONVERSATIONS = 100
+MISSING_TOOLS_EXIT = 3  # as bench/run.py
 
 
 def parse_args(argv):
@@ -75,6 +76,9 @@ def measure(turns, call) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
+    if not nginx_binary() or not ECHO_MODULE.exists():
+        print("turn_cost.py needs nginx and its echo module: make bench-deps", file=sys.stderr)
+        return MISSING_TOOLS_EXIT
     app_dir = opts.app_dir.resolve()
     with tempfile.TemporaryDirectory(prefix="chatapp-turn-") as workdir:
         workdir = Path(workdir)

@@ -1,4 +1,5 @@
-"""The benchmark harness still starts: bench/run.py --quick, one scenario for 2 s, on SQLite.
+"""The benchmark harness still starts: bench/run.py --quick, one scenario for 2 s, on SQLite, and
+bench/turn_cost.py for a few turns.
 
 Not a measurement: it asserts only that requests went through. It needs wrk, nginx and nginx's echo
 module (`make bench-deps`); without them it is skipped (so that `make test` passes on a machine with
@@ -48,3 +49,23 @@ def test_bench_quick_run_serves_turns(request, tmp_path):
     assert run["ok"] > 0, output
     assert run["non2xx"] == 0, run["statuses"]
     assert run["statuses"].keys() == {"200"}
+
+
+def test_turn_cost_measures_both_kinds_of_turn(request, tmp_path):
+    if os.environ.get("BENCH_SMOKE") == "skip":
+        pytest.skip("BENCH_SMOKE=skip")
+    profile = tmp_path / "turn.prof"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "turn_cost.py"), "--sqlite", "--turns", "20", "--runs", "1",
+         "--profile", str(profile)],
+        cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    if done.returncode == MISSING_TOOLS_EXIT:
+        skip_or_fail(request, f"turn_cost smoke skipped: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["new", "continue"], done.stdout
+    for line in lines[:2]:
+        cpu_us = float(line.split("CPU")[1].split("us")[0])
+        assert cpu_us > 0, line
+    assert profile.stat().st_size > 0
