@@ -149,9 +149,10 @@ class Client:
 
 
 class Bench:
-    def __init__(self, opts, service: Service, stub: AgentStub, workdir: Path):
+    def __init__(self, opts, service: Service, stub: AgentStub, workdir: Path, database: Database):
         self.opts = opts
         self.service = service
+        self.database = database
         self.stub = stub
         self.workdir = workdir
         self.tokens = {f"bench-user-{index:02d}": service.token(f"bench-user-{index:02d}") for index in range(USERS)}
@@ -243,6 +244,7 @@ class Bench:
             log(f"S4 run {index + 1}: building {short_count} conversations of {S4_SHORT_MESSAGES} messages")
             shorts = self.client.conversations(short_count, S4_SHORT_MESSAGES)
             short_data = self.write_data(f"s4-short-{index}.tsv", self.conversation_rows(shorts))
+            self.database.settle()  # after building, before measuring
             for key, data in (("S4-short", short_data), ("S4-long", long_data)):
                 run = run_wrk(self.service.url, connections=1, threads=1, duration=S4_TURN_BOUND_S,
                               script_args=["mode=continue", f"data={data}"], max_per_thread=turns)
@@ -340,11 +342,13 @@ class Bench:
         for name, step in steps:
             if name in chosen:
                 log(f"{name}...")
+                self.database.settle()
                 step()
         if "S5" in chosen:
             self.s5_rest()
         if "S3" in chosen:
             log("S3...")
+            self.database.settle()
             self.s3()
         elif "S5" in chosen:
             log("S5: 128 slow turns in flight...")
@@ -410,7 +414,7 @@ def main(argv=None) -> int:
         service.migrate()
         service.start()
         log(f"gunicorn on {service.url}: workers {service.worker_pids()}, {opts.threads} threads each")
-        bench = Bench(opts, service, stub, workdir)
+        bench = Bench(opts, service, stub, workdir, database)
         results = bench.run()
         results["meta"] = {
             "date": started.strftime("%Y-%m-%d %H:%M UTC"),

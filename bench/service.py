@@ -60,6 +60,18 @@ class Database:
             self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         self.created = False
 
+    def settle(self) -> None:
+        """VACUUM ANALYZE, then CHECKPOINT: the next scenario starts without the previous one's
+        dead rows, stale planner statistics or unwritten pages, which autovacuum and the
+        checkpointer would otherwise work off in the middle of its measurement."""
+        if self.sqlite:
+            return
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as connection:
+            connection.execute("VACUUM ANALYZE")
+            connection.execute("CHECKPOINT")
+
     def server_version(self) -> str:
         if self.sqlite:
             import sqlite3
