@@ -1,14 +1,17 @@
 """Production readiness: rate limits, request logs, metrics, CORS (in process)."""
 import json
+import logging
+import os
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from limits import parse
 
 from chatapp.extensions import db
-from chatapp.log_config import JsonFormatter
+from chatapp.log_config import JsonFormatter, LineWriter
 from chatapp.rate_limit import ProcessWindow
 from tests.agent_server import Hang, Raw
 from tests.conftest import Chat, make_app
@@ -99,6 +102,30 @@ def test_rate_limit_fails_open_when_redis_is_down(chat, agent_server, caplog):
     assert [chat.post({"message": f"hi {n}"}).status_code for n in range(3)] == [200, 200, 200]
     assert time.monotonic() - started < 5
     assert any("rate limit storage unavailable" in record.getMessage() for record in caplog.records)
+
+
+def test_line_writer_writes_whole_lines_from_many_threads(tmp_path):
+    """Production's handler: one write() a record and no lock for ordinary lines; tracebacks
+    longer than PIPE_BUF take a lock. Under 8 threads every line must still come out whole."""
+    path = tmp_path / "out.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # as gunicorn's stdout to a file
+    handler = LineWriter(fd)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.Logger("line-writer-test")
+    logger.addHandler(handler)
+
+    def log_many(thread):
+        for n in range(200):
+            text = "x" * (20000 if n % 50 == 0 else 40)  # a few lines far beyond PIPE_BUF (4096)
+            logger.info("line %s %s %s", thread, n, text, extra={"request_id": None})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(log_many, range(8)))
+    os.close(fd)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 8 * 200
+    messages = {json.loads(line)["message"].rsplit(" ", 1)[0] for line in lines}
+    assert messages == {f"line {thread} {n}" for thread in range(8) for n in range(200)}
 
 
 def request_lines(caplog):
