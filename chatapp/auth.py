@@ -32,7 +32,8 @@ class VerifiedTokens:
 
     MAX_TOKENS = 1024  # about 1 KB each
 
-    def __init__(self):
+    def __init__(self, leeway: float | timedelta = 0):
+        self._leeway = leeway.total_seconds() if isinstance(leeway, timedelta) else leeway
         self._claims: dict[str, dict] = {}
         self._lock = threading.Lock()
 
@@ -40,9 +41,7 @@ class VerifiedTokens:
         claims = self._claims.get(token)
         if claims is None:
             return None
-        leeway = current_app.config["JWT_DECODE_LEEWAY"]
-        leeway = leeway.total_seconds() if isinstance(leeway, timedelta) else leeway
-        if claims["exp"] <= time.time() - leeway:  # PyJWT's own test
+        if claims["exp"] <= time.time() - self._leeway:  # PyJWT's own test
             raise TokenExpired()
         return claims
 
@@ -93,7 +92,7 @@ def register_auth(app: Flask, jwt) -> None:
     """flask-jwt-extended on the app, its loaders replaced, and this process's verified tokens."""
     jwt.init_app(app)
     register_jwt_loaders(jwt)
-    app.extensions["verified_tokens"] = VerifiedTokens()
+    app.extensions["verified_tokens"] = VerifiedTokens(app.config["JWT_DECODE_LEEWAY"])
 
 
 def register_jwt_loaders(jwt) -> None:
