@@ -1,18 +1,36 @@
-"""Configuration classes, built from the environment when instantiated (so tests can set variables)."""
+"""Configuration classes, built from the environment when instantiated (so tests can set variables).
+
+gunicorn.conf.py builds the same configuration in gunicorn's master process, so that a setting that
+cannot serve stops the server before any worker boots."""
+import json
 import os
+import sys
+from datetime import datetime, timezone
 
 from limits import parse as parse_rate_limit
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 # Used only by DevelopmentConfig and TestingConfig; production refuses to start without its own key.
 _DEV_ONLY_SECRET = "chatapp-development-secret-not-for-production"
 _MIN_SECRET_BYTES = 32
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+
+
+# Every environment variable the configuration reads, filled in as it reads them (the docs and
+# app.json are checked against it).
+SETTINGS_READ: set[str] = set()
 
 
 class ConfigError(RuntimeError):
-    """The configuration cannot serve; the message says why in one line."""
+    """The configuration cannot serve; the message names the setting and says why, in one line."""
 
 
 def _env(name, default=None):
+    SETTINGS_READ.add(name)
     value = os.environ.get(name)
     return default if value is None or value.strip() == "" else value.strip()
 
@@ -33,9 +51,40 @@ def _env_float(name, default):
         raise ConfigError(f"{name} must be a number, got {value!r}") from None
 
 
+def _multiline(value):
+    return value.replace("\\n", "\n") if value else value
+
+
 def _env_list(name):
     value = _env(name)
     return [item.strip() for item in value.split(",") if item.strip()] if value else None
+
+
+def _require(name, condition, rule):
+    if not condition:
+        raise ConfigError(f"{name} {rule}")
+
+
+def _check_database_url(value):
+    try:
+        make_url(database_url(value))
+    except ArgumentError:
+        raise ConfigError("DATABASE_URL is not a database URL (postgresql://user:password@host:5432/name)") from None
+
+
+def _check_url(name, value, schemes, example):
+    if value is not None:
+        scheme, _, rest = value.partition("://")
+        _require(name, scheme.lower() in schemes and rest, f"must be a URL such as {example}")
+
+
+def _check_public_key(pem):
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        load_pem_public_key(pem.encode())
+    except ValueError:
+        raise ConfigError("JWT_PUBLIC_KEY is not a PEM public key (-----BEGIN PUBLIC KEY-----...)") from None
 
 
 def database_url(url):
@@ -57,15 +106,18 @@ class Config:
         self.DATABASE_URL = _env("DATABASE_URL")  # None: SQLite file in the instance folder
         if self.DATABASE_URL:
             self.SQLALCHEMY_DATABASE_URI = database_url(self.DATABASE_URL)
+        self.DATABASE_POOL_SIZE = _env_int("DATABASE_POOL_SIZE", 10)
+        self.DATABASE_MAX_OVERFLOW = _env_int("DATABASE_MAX_OVERFLOW", 10)
+        self.DATABASE_POOL_TIMEOUT = _env_float("DATABASE_POOL_TIMEOUT", 10.0)
         self.SQLALCHEMY_ENGINE_OPTIONS = {
             # Stale connections (a database restart) are replaced at checkout, not failed on: those
             # idle longer than DATABASE_PING_AFTER_IDLE are pinged first (chatapp/extensions.py).
             "pool_recycle": 300,
             # Per process. Turns hold a connection only for their short reads and writes, never
             # while the agent works; keep workers x (size + overflow) under the server's max_connections.
-            "pool_size": _env_int("DATABASE_POOL_SIZE", 10),
-            "max_overflow": _env_int("DATABASE_MAX_OVERFLOW", 10),
-            "pool_timeout": _env_float("DATABASE_POOL_TIMEOUT", 10.0),
+            "pool_size": self.DATABASE_POOL_SIZE,
+            "max_overflow": self.DATABASE_MAX_OVERFLOW,
+            "pool_timeout": self.DATABASE_POOL_TIMEOUT,
         }
         self.DATABASE_PING_AFTER_IDLE = _env_float("DATABASE_PING_AFTER_IDLE", 1.0)
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
@@ -74,8 +126,9 @@ class Config:
         self.JWT_ALGORITHM = _env("JWT_ALGORITHM", "HS256")
         # One algorithm only: an HS256 token signed with an RS256 public key must not verify.
         self.JWT_DECODE_ALGORITHMS = [self.JWT_ALGORITHM]
-        self.JWT_PUBLIC_KEY = _env("JWT_PUBLIC_KEY")
-        self.JWT_PRIVATE_KEY = _env("JWT_PRIVATE_KEY")
+        # Platforms' settings pages often keep a PEM on one line, with its line breaks written \n.
+        self.JWT_PUBLIC_KEY = _multiline(_env("JWT_PUBLIC_KEY"))
+        self.JWT_PRIVATE_KEY = _multiline(_env("JWT_PRIVATE_KEY"))
         self.JWT_DECODE_AUDIENCE = _env("JWT_DECODE_AUDIENCE")
         self.JWT_DECODE_ISSUER = _env("JWT_DECODE_ISSUER")
         self.JWT_IDENTITY_CLAIM = _env("JWT_IDENTITY_CLAIM", "sub")
@@ -85,7 +138,8 @@ class Config:
         self.AGENT_URL = _env("AGENT_URL")
         self.AGENT_API_KEY = _env("AGENT_API_KEY")
         self.AGENT_CONNECT_TIMEOUT = _env_float("AGENT_CONNECT_TIMEOUT", 3.0)
-        self.AGENT_TIMEOUT = _env_float("AGENT_TIMEOUT", 30.0)
+        # Under the 30 s within which Heroku-style routers drop a request that sent no first byte.
+        self.AGENT_TIMEOUT = _env_float("AGENT_TIMEOUT", 25.0)
         self.AGENT_STREAM_TIMEOUT = _env_float("AGENT_STREAM_TIMEOUT", 300.0)
         self.AGENT_MAX_RETRIES = _env_int("AGENT_MAX_RETRIES", 2)
         self.AGENT_MAX_RESPONSE_BYTES = _env_int("AGENT_MAX_RESPONSE_BYTES", 1048576)
@@ -102,9 +156,16 @@ class Config:
         self.IDEMPOTENCY_TTL = _env_int("IDEMPOTENCY_TTL", 86400)
         # A turn holds its conversation and key for AGENT_TIMEOUT plus this; then it is presumed dead.
         self.TURN_HOLD_MARGIN = _env_float("TURN_HOLD_MARGIN", 15.0)
+        self.METRICS_TOKEN = _env("METRICS_TOKEN")  # None: /metrics is open (keep it on a private network)
 
         self.LOG_LEVEL = _env("LOG_LEVEL", "INFO").upper()
-        self.LOG_FORMAT = _env("LOG_FORMAT", self._default_log_format())
+        self.LOG_FORMAT = _env("LOG_FORMAT", self._default_log_format()).lower()
+
+        # gunicorn's own settings; gunicorn.conf.py takes them from here.
+        self.PORT = _env_int("PORT", 8000)
+        # 4 workers a host of 2 cores (make bench, bench/README.md).
+        self.WEB_CONCURRENCY = _env_int("WEB_CONCURRENCY", 4)
+        self.GUNICORN_THREADS = _env_int("GUNICORN_THREADS", 32)
 
     def _default_secret(self):
         return None
@@ -113,19 +174,40 @@ class Config:
         return "text"
 
     def validate(self):
-        """Raise ConfigError when these settings cannot serve."""
-        for name in ("AGENT_CONNECT_TIMEOUT", "AGENT_TIMEOUT", "AGENT_STREAM_TIMEOUT"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
-        for name in ("AGENT_MAX_RETRIES", "CONTEXT_MAX_MESSAGES", "CONTEXT_MAX_CHARS"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative")
+        """Raise ConfigError, naming the setting, when these settings cannot serve."""
+        for name in ("AGENT_CONNECT_TIMEOUT", "AGENT_TIMEOUT", "AGENT_STREAM_TIMEOUT", "DATABASE_POOL_TIMEOUT"):
+            _require(name, getattr(self, name) > 0, "must be positive")
+        for name in ("AGENT_MAX_RESPONSE_BYTES", "MAX_CONTENT_LENGTH", "IDEMPOTENCY_TTL", "DATABASE_POOL_SIZE",
+                     "WEB_CONCURRENCY", "GUNICORN_THREADS"):
+            _require(name, getattr(self, name) >= 1, "must be at least 1")
+        for name in ("AGENT_MAX_RETRIES", "CONTEXT_MAX_MESSAGES", "CONTEXT_MAX_CHARS", "DATABASE_MAX_OVERFLOW",
+                     "DATABASE_PING_AFTER_IDLE", "TURN_HOLD_MARGIN"):
+            _require(name, getattr(self, name) >= 0, "must not be negative")
+        _require("PORT", 1 <= self.PORT <= 65535, "must be a TCP port, 1 to 65535")
+        _require("LOG_FORMAT", self.LOG_FORMAT in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}")
+        _require("LOG_LEVEL", self.LOG_LEVEL in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}")
         try:
             parse_rate_limit(self.RATE_LIMIT)
         except ValueError:
             raise ConfigError(f"RATE_LIMIT must read like '60 per minute', got {self.RATE_LIMIT!r}") from None
         if self.ALLOWED_MODELS and self.DEFAULT_MODEL not in self.ALLOWED_MODELS:
             raise ConfigError("DEFAULT_MODEL is not one of ALLOWED_MODELS")
+        if self.DATABASE_URL:
+            _check_database_url(self.DATABASE_URL)
+        _check_url("AGENT_URL", self.AGENT_URL, ("http", "https"), "https://api.openai.com/v1")
+        _check_url("REDIS_URL", self.REDIS_URL, ("redis", "rediss", "unix"), "redis://host:6379/0")
+        self._check_token_keys()
+
+    def _check_token_keys(self):
+        """The one algorithm fits the key that verifies it, and a public key is one."""
+        if self.JWT_PUBLIC_KEY is not None:
+            _require("JWT_ALGORITHM", self.JWT_ALGORITHM in PUBLIC_KEY_ALGORITHMS,
+                     f"must be one of {', '.join(PUBLIC_KEY_ALGORITHMS)} with JWT_PUBLIC_KEY, got {self.JWT_ALGORITHM!r}")
+            _check_public_key(self.JWT_PUBLIC_KEY)
+        else:
+            _require("JWT_ALGORITHM", self.JWT_ALGORITHM in HMAC_ALGORITHMS,
+                     f"must be one of {', '.join(HMAC_ALGORITHMS)} with JWT_SECRET_KEY "
+                     f"(or set JWT_PUBLIC_KEY), got {self.JWT_ALGORITHM!r}")
 
 
 class DevelopmentConfig(Config):
@@ -184,3 +266,29 @@ def config_from_env(default="production"):
     if name not in CONFIGS:
         raise ConfigError(f"CHATAPP_ENV must be one of {', '.join(CONFIGS)}, got {name!r}")
     return CONFIGS[name]()
+
+
+def log_format_from_env() -> str:
+    """The log format the environment asks for, read without building a config (which may be what failed)."""
+    value = (os.environ.get("LOG_FORMAT") or "").strip().lower()
+    if value in LOG_FORMATS:
+        return value
+    return "json" if (_env("CHATAPP_ENV", "production") or "").lower() == "production" else "text"
+
+
+def startup_failure(error: ConfigError) -> str:
+    """The one line that says why the service does not start: a JSON object where logs are JSON."""
+    message = f"chatapp: configuration error: {error}"
+    if log_format_from_env() != "json":
+        return message
+    entry = {"time": datetime.now(timezone.utc).isoformat(), "level": "CRITICAL", "logger": "chatapp.config",
+             "message": message, "request_id": None}
+    return json.dumps(entry)
+
+
+def exit_on_config_error(error: ConfigError) -> None:
+    """Print the one line and stop with gunicorn's 'worker failed to boot' status (3): gunicorn's
+    master then stops too, instead of booting the worker again and again. Any other status
+    (1 included) only has the worker restarted."""
+    print(startup_failure(error), file=sys.stderr, flush=True)
+    sys.exit(3)

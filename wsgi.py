@@ -1,10 +1,8 @@
 """The WSGI entry point: `gunicorn wsgi:app`, `flask --app wsgi ...`."""
-import sys
-
 from chatapp import create_app
-from config import ConfigError
+from config import ConfigError, exit_on_config_error
 
 try:
     app = create_app()
 except ConfigError as exc:
-    sys.exit(f"chatapp: configuration error: {exc}")
+    exit_on_config_error(exc)

@@ -38,16 +38,27 @@ def create_app(config: Config | None = None) -> Flask:
 
 
 def configure_database(app: Flask) -> None:
-    """Default to a SQLite file in the instance folder; an in-memory SQLite has no pool to size."""
+    """Default to a SQLite file in the instance folder; an in-memory SQLite has no pool to size.
+    psycopg prepares no statements: see postgres_connect_args()."""
     if not app.config.get("SQLALCHEMY_DATABASE_URI"):
         os.makedirs(app.instance_path, exist_ok=True)
         app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{os.path.join(app.instance_path, 'chatapp.db')}"
     url = make_url(app.config["SQLALCHEMY_DATABASE_URI"])
+    options = dict(app.config["SQLALCHEMY_ENGINE_OPTIONS"])
     if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
-        options = dict(app.config["SQLALCHEMY_ENGINE_OPTIONS"])
         for name in ("pool_size", "max_overflow", "pool_timeout"):
             options.pop(name, None)
-        app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+    if url.get_driver_name() == "psycopg":
+        options["connect_args"] = {**postgres_connect_args(), **options.get("connect_args", {})}
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
+
+
+def postgres_connect_args() -> dict:
+    """No server-side prepared statements. psycopg 3 prepares a statement on the server after it
+    ran five times on a connection; behind a transaction-pooling PgBouncer (1.18, Debian 12's) the
+    next transaction may run on a server connection that never saw it: `prepared statement
+    "_pg3_0" does not exist`. Nothing may rely on session state between transactions."""
+    return {"prepare_threshold": None}
 
 
 def register_extensions(app: Flask) -> None:

@@ -46,7 +46,10 @@ def purge_idempotency_keys() -> None:
     click.echo(f"removed {removed} expired idempotency keys")
 
 
+COMMANDS = (create_token, purge_idempotency_keys)
+
+
 def register_commands(app: Flask) -> None:
     """Attach the CLI commands to the app."""
-    app.cli.add_command(create_token)
-    app.cli.add_command(purge_idempotency_keys)
+    for command in COMMANDS:
+        app.cli.add_command(command)

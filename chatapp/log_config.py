@@ -23,7 +23,8 @@ class RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, as log collectors expect."""
+    """One JSON object per line, as log collectors expect; gunicorn.conf.py formats gunicorn's own
+    records with it too."""
 
     def format(self, record):
         entry = {
@@ -31,7 +32,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
-            "request_id": record.request_id,
+            "request_id": getattr(record, "request_id", None),
         }
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:

@@ -1,9 +1,10 @@
 """make e2e: the service as production runs it, tested from the outside by newman and schemathesis.
 
-1. the loopback echo agent (tests/agent_server.py) and a temporary folder for the SQLite file;
-2. the Procfile's release line (`flask --app wsgi db upgrade`), then gunicorn with gunicorn.conf.py
-   and production settings (CHATAPP_ENV unset, a strong JWT_SECRET_KEY, AGENT_URL), bound to
-   127.0.0.1, as tests/live_server.py starts it;
+1. the loopback echo agent (tests/agent_server.py) and a temporary folder (for the SQLite file,
+   unless E2E_DATABASE_URL names a PostgreSQL database to use: CI's goes through PgBouncer);
+2. the Procfile, as a platform runs it, through honcho: `release` (the migrations) to its end,
+   then `web` (gunicorn with gunicorn.conf.py), with PORT and production settings (CHATAPP_ENV
+   unset, a strong JWT_SECRET_KEY, AGENT_URL) from the environment, bound to 127.0.0.1;
 3. newman over postman/ as one user, then schemathesis over /openapi.json as another, with a valid
    token and, for most cases, the token's own user id and real conversation ids;
 4. a summary (newman requests and assertions; schemathesis examples per operation), everything
@@ -13,6 +14,7 @@ Only 127.0.0.1 is contacted, and every step has a time limit.
 """
 import argparse
 import json
+import os
 import re
 import secrets
 import shutil
@@ -31,7 +33,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.live_server import LiveServer  # noqa: E402  (the gunicorn the tests start)
+from tests.live_server import ProcfileServer  # noqa: E402  (the Procfile, run by honcho)
 
 BIN = Path(sys.executable).parent
 NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
@@ -62,6 +64,11 @@ AGENT_START_TIMEOUT = 15
 NEWMAN_TIMEOUT = 120
 SCHEMATHESIS_TIMEOUT = 300
 REQUEST_TIMEOUT = 15
+
+
+def shown_url(url: str) -> str:
+    """A database URL without its password."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:...@", url)
 
 
 def log(message: str) -> None:
@@ -315,9 +322,10 @@ def main() -> int:
     try:
         agent = EchoAgent()
         log(f"test agent at {agent.url}")
-        server = LiveServer(
+        database_url = os.environ.get("E2E_DATABASE_URL") or f"sqlite:///{workdir}/e2e.db"
+        server = ProcfileServer(
             {
-                "DATABASE_URL": f"sqlite:///{workdir}/e2e.db",
+                "DATABASE_URL": database_url,
                 "JWT_SECRET_KEY": secret,
                 "AGENT_URL": agent.url,
                 "AGENT_TIMEOUT": "10",
@@ -334,7 +342,7 @@ def main() -> int:
             log(f"the release step failed:\n{release.stdout}{release.stderr}")
             return 1
         server.start()
-        log(f"gunicorn (production settings) at {server.url}, database {workdir / 'e2e.db'}")
+        log(f"the Procfile's web process (production settings) at {server.url}, database {shown_url(database_url)}")
 
         newman = run_newman(server.url, make_token(secret, NEWMAN_USER), workdir)
 

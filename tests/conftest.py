@@ -31,10 +31,27 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_collection_modifyitems(items):
+    """The PostgreSQL half of every database-parametrized test is marked `postgresql`, so that
+    `-m postgresql` runs it alone (CI runs it again through PgBouncer)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("database_uri") == "postgresql":
+            item.add_marker(pytest.mark.postgresql)
+
+
+def through_a_pooler() -> bool:
+    """Whether TEST_DATABASE_URL reaches PostgreSQL through a pooler (TEST_DATABASE_DIRECT_URL,
+    set beside it, is the server itself)."""
+    direct = os.environ.get("TEST_DATABASE_DIRECT_URL")
+    return bool(direct) and direct != os.environ.get("TEST_DATABASE_URL")
+
+
 def pytest_report_header(config):
     postgres = "TEST_DATABASE_URL set" if os.environ.get("TEST_DATABASE_URL") else "skipped: TEST_DATABASE_URL unset"
     redis = "TEST_REDIS_URL set" if os.environ.get("TEST_REDIS_URL") else "skipped: TEST_REDIS_URL unset"
-    return f"databases: sqlite, postgresql ({postgres}); redis ({redis})"
+    pooler = "; through a pooler (TEST_DATABASE_DIRECT_URL differs)" if through_a_pooler() else ""
+    return f"databases: sqlite, postgresql ({postgres}{pooler}); redis ({redis})"
 
 
 def make_app(**settings):

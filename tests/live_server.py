@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def procfile() -> dict[str, str]:
+    """The Procfile's process types and their commands."""
+    lines = (ROOT / "Procfile").read_text().splitlines()
+    return dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -45,14 +51,14 @@ class LiveServer:
             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60,
         )
 
+    def command(self) -> list[str]:
+        # --bind overrides the config's 0.0.0.0 so that the test listens on loopback only.
+        return [str(BIN / "gunicorn"), "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}", *self.extra_args]
+
     def start(self) -> "LiveServer":
         # A file, not a pipe: a pipe nobody reads fills up and blocks the server's logging.
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(
-            # --bind overrides the config's 0.0.0.0 so that the test listens on loopback only.
-            [str(BIN / "gunicorn"), "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}", *self.extra_args],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-        )
+        self.process = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -87,3 +93,23 @@ class LiveServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class ProcfileServer(LiveServer):
+    """The Procfile's process types as a platform starts them, through a Procfile runner (honcho):
+    `release` to its end, then `web`, with PORT and every other setting from the environment.
+    GUNICORN_CMD_ARGS (which gunicorn reads after its config file) keeps it on loopback."""
+
+    def __init__(self, env: dict, workers: int = 1, threads: int = 8):
+        super().__init__(env, workers, threads)
+        self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"  # the Procfile's commands, as a platform finds them
+        self.env["GUNICORN_CMD_ARGS"] = f"--bind 127.0.0.1:{self.port}"
+
+    def run_release(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "honcho"), "start", "--no-colour", "release"],
+            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120,
+        )
+
+    def command(self) -> list[str]:
+        return [str(BIN / "honcho"), "start", "--no-colour", "web"]

@@ -25,7 +25,7 @@ def environ(monkeypatch):
 
 def test_defaults_are_the_contracts(environ):
     config = DevelopmentConfig()
-    assert (config.AGENT_CONNECT_TIMEOUT, config.AGENT_TIMEOUT, config.AGENT_MAX_RETRIES) == (3.0, 30.0, 2)
+    assert (config.AGENT_CONNECT_TIMEOUT, config.AGENT_TIMEOUT, config.AGENT_MAX_RETRIES) == (3.0, 25.0, 2)
     assert config.AGENT_MAX_RESPONSE_BYTES == 1048576
     assert (config.CONTEXT_MAX_MESSAGES, config.CONTEXT_MAX_CHARS) == (50, 100000)
     assert config.MAX_CONTENT_LENGTH == 262144
@@ -99,11 +99,29 @@ def test_production_refuses_to_start(environ, variables, message):
         create_app(ProductionConfig() if "AGENT_TIMEOUT" not in variables else None)
 
 
+def public_key_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
 def test_production_accepts_a_public_key_instead_of_a_secret(environ):
     environ.setenv("AGENT_URL", "http://127.0.0.1:9/v1")
     environ.setenv("JWT_ALGORITHM", "RS256")
-    environ.setenv("JWT_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----\n...")
+    environ.setenv("JWT_PUBLIC_KEY", public_key_pem())
     ProductionConfig().validate()
+
+
+def test_a_public_key_on_one_line_has_its_line_breaks_back(environ):
+    """Platforms' settings pages keep a value on one line: the PEM's line breaks written as \\n."""
+    pem = public_key_pem()
+    environ.setenv("JWT_PUBLIC_KEY", pem.strip().replace("\n", "\\n"))
+    environ.setenv("JWT_ALGORITHM", "RS256")
+    config = DevelopmentConfig()
+    assert config.JWT_PUBLIC_KEY == pem.strip()
+    config.validate()
 
 
 def test_production_starts_with_a_strong_secret(environ, tmp_path):
@@ -130,17 +148,6 @@ def test_development_uses_the_echo_agent(environ, tmp_path):
     environ.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
     app = create_app(DevelopmentConfig())
     assert type(app.extensions["chat_agent"]).__name__ == "EchoAgent"
-
-
-def test_wsgi_refuses_production_without_settings_in_one_line(tmp_path):
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("JWT_", "AGENT_", "CHATAPP_"))}
-    result = subprocess.run(
-        [sys.executable, "-c", "import wsgi"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "chatapp: configuration error: JWT_SECRET_KEY must be set to at least 32 bytes in production (or set JWT_PUBLIC_KEY)"
-    ]
 
 
 def test_serving_does_not_load_the_migration_tools(tmp_path):

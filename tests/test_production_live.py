@@ -63,7 +63,12 @@ def test_production_logs_are_json_lines_without_secrets(production_env, agent_se
             timeout=10,
         )
         assert response.status_code == 200
-    lines = [json.loads(line) for line in server.output.splitlines() if line.startswith("{")]
+    # Every line, gunicorn's own included, is one JSON object: a log pipeline reads one format.
+    lines = [json.loads(line) for line in server.output.splitlines() if line.strip()]
+    gunicorn_messages = [line["message"] for line in lines if line["logger"] == "gunicorn.error"]
+    assert any(message.startswith("Starting gunicorn") for message in gunicorn_messages)
+    assert any(message.startswith("Booting worker with pid") for message in gunicorn_messages)
+    assert all(line["level"] and line["time"] for line in lines)
     [request_line] = [line for line in lines if line.get("request_id") == "trace-42" and line["logger"] == "chatapp.request"]
     assert (request_line["method"], request_line["path"], request_line["status"], request_line["user_id"]) == ("POST", "/api/alice/chat", 200, "alice")
     assert request_line["conversation_id"] == response.json()["conversation_id"]
