@@ -1,11 +1,17 @@
 """Prometheus metrics at GET /metrics; correct across gunicorn workers in multiprocess mode
 (PROMETHEUS_MULTIPROC_DIR, which gunicorn.conf.py sets up)."""
+import hmac
 import os
 import time
 
-from flask import Blueprint, Flask, Response, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
+
+from chatapp import errors
+from chatapp.auth import bearer_token
+from chatapp.errors import InvalidToken
+from chatapp.openapi import documented
 
 bp = Blueprint("metrics", __name__)
 # prometheus_client picks its storage when imported; /metrics must read the same one.
@@ -49,14 +55,37 @@ def _count_request(response: Response) -> Response:
     return response
 
 
+def check_metrics_token() -> None:
+    """With METRICS_TOKEN set, /metrics wants it as a bearer token: on a platform without a private
+    network the metrics are otherwise public. 401 without a token or with another one."""
+    expected = current_app.config["METRICS_TOKEN"]
+    if expected is None:
+        return
+    if not hmac.compare_digest(bearer_token().encode(), expected.encode()):
+        raise InvalidToken("Invalid metrics token")
+
+
 @bp.get("/metrics")
+@documented(
+    summary="Prometheus metrics, summed over the workers",
+    response={"type": "string"},
+    media_type="text/plain",
+    authenticated=False,
+    security="metricsToken",
+    errors=(errors.AuthenticationRequired, errors.InvalidToken),
+    tags=("operations",),
+)
 def metrics():
     """The Prometheus text exposition, summed over every worker when several serve."""
+    check_metrics_token()
     if MULTIPROCESS:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+        exposition = generate_latest(registry)
+    else:
+        exposition = generate_latest()
+    # content_type, not mimetype: CONTENT_TYPE_LATEST carries its charset already.
+    return Response(exposition, content_type=CONTENT_TYPE_LATEST)
 
 
 def register_metrics(app: Flask) -> None:

@@ -1,7 +1,7 @@
 """The OpenAPI document, generated from the routes and the same marshmallow schemas that
 validate requests: each view declares its schemas and the ApiErrors it can raise."""
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
@@ -42,11 +42,88 @@ _METHODS = ("get", "post", "put", "patch", "delete")
 _FLASK_ARGUMENT = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 
+INFO_DESCRIPTION = """\
+A chat back end between client applications and an OpenAI-compatible LLM server.
+
+Every chat request runs the same five steps, in order, and the first that fails decides the
+answer: validate the request (400, 413), authenticate the bearer JWT (401, 403; then the per-user
+rate limit, 429, and the idempotency key, 409 or 422), resolve the conversation (404, 409), call
+the agent and store the turn in one transaction (503, nothing stored), return the answer.
+
+Every error is JSON: `{"detail", "code", "request_id"}` (and `errors` per field for a 400 from
+validation), with the `X-Request-ID` header that every answer carries. Send `Idempotency-Key` to
+make retries safe: a finished key replays its answer byte for byte with `Idempotent-Replayed:
+true`. The project's docs/api.md is the full reference."""
+TAGS = (
+    {"name": "chat", "description": "Send a message and get the agent's answer, whole or streamed (server-sent events)."},
+    {"name": "history", "description": "The user's stored conversations and their messages; deleting a conversation."},
+    {"name": "operations", "description": "Probes for load balancers and platforms, and Prometheus metrics."},
+)
+CONVERSATION_ID_EXAMPLE = "5b0b6c1e-2f4e-4a53-9d1a-8f0c3c1f2b7e"
+# The answers documented as examples, by operationId (each operation has one; tests check it).
+EXAMPLES = {
+    "send_message": {
+        "request": {"message": "Hello!", "conversation_id": CONVERSATION_ID_EXAMPLE},
+        "response": {
+            "conversation_id": CONVERSATION_ID_EXAMPLE,
+            "message": "Hello! How can I help?",
+            "role": "assistant",
+            "created_at": "2026-11-25T21:04:05.123456+00:00",
+            "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+            "message_id": "c3a1f0d2-7a4b-4c1e-9f3a-2b6d8e0f1a2c",
+            "model": "gpt-4",
+        },
+        "events": "event: delta\ndata: {\"content\":\"Hello!\"}\n\nevent: done\ndata: {\"conversation_id\":...}\n\n",
+    },
+    "list_conversations": {
+        "response": {
+            "conversations": [{
+                "conversation_id": CONVERSATION_ID_EXAMPLE,
+                "title": "Hello!",
+                "created_at": "2026-11-25T21:04:04.001234+00:00",
+                "updated_at": "2026-11-25T21:04:05.123456+00:00",
+                "message_count": 2,
+            }],
+            "next_cursor": None,
+        },
+    },
+    "get_conversation": {
+        "response": {
+            "conversation_id": CONVERSATION_ID_EXAMPLE,
+            "title": "Hello!",
+            "created_at": "2026-11-25T21:04:04.001234+00:00",
+            "updated_at": "2026-11-25T21:04:05.123456+00:00",
+            "message_count": 2,
+        },
+    },
+    "list_messages": {
+        "response": {
+            "conversation_id": CONVERSATION_ID_EXAMPLE,
+            "messages": [
+                {"message_id": "0d6f3c2a-1b4e-4f5a-8c7d-9e0f1a2b3c4d", "seq": 1, "role": "user",
+                 "content": "Hello!", "created_at": "2026-11-25T21:04:04.001234+00:00"},
+                {"message_id": "c3a1f0d2-7a4b-4c1e-9f3a-2b6d8e0f1a2c", "seq": 2, "role": "assistant",
+                 "content": "Hello! How can I help?", "created_at": "2026-11-25T21:04:05.123456+00:00"},
+            ],
+            "has_more": False,
+        },
+    },
+    "delete_conversation": {"response": None},
+    "healthz": {"response": {"status": "ok"}},
+    "readyz": {"response": {"status": "ready"}},
+    "metrics": {"response": "# HELP chatapp_turns_in_flight Chat turns being served now\n"
+                            "# TYPE chatapp_turns_in_flight gauge\nchatapp_turns_in_flight 0.0\n"},
+}
+ERROR_EXAMPLE = {"detail": "Conversation not found", "code": "conversation_not_found",
+                 "request_id": "9f1c2b7e4d3a4c5b8e6f0a1b2c3d4e5f"}
+
+
 @dataclass(frozen=True)
 class Operation:
     """What a view documents about itself."""
 
     summary: str
+    operation_id: str = ""  # default: the view's name
     status: int = 200
     response: Schema | type[Schema] | None = None
     body: Schema | type[Schema] | None = None
@@ -55,6 +132,9 @@ class Operation:
     headers: tuple = ()  # request headers: (name, description)
     authenticated: bool = True
     streams: bool = False  # also answers 200 as server-sent events ("stream": true)
+    replays: bool = False  # answers a finished idempotency key again (Idempotent-Replayed)
+    media_type: str = "application/json"  # of the success answer
+    security: str | None = None  # another security scheme than the users' bearer JWT
     tags: tuple = field(default=())
 
 
@@ -62,14 +142,14 @@ def documented(**kwargs):
     """Attach an Operation to a view; build_openapi() turns it into the document."""
 
     def attach(view):
-        view.openapi = Operation(**kwargs)
+        view.openapi = Operation(**{"operation_id": view.__name__, **kwargs})
         return view
 
     return attach
 
 
 def _response_headers(status: int) -> dict:
-    headers = {"X-Request-ID": {"schema": {"type": "string"}, "description": "The request's id"}}
+    headers = {"X-Request-ID": {"schema": {"type": "string"}, "description": "The request's id (yours, or a new one)"}}
     if status in (409, 429, 503):
         headers["Retry-After"] = {"schema": {"type": "integer"}, "description": "Seconds to wait"}
     if status == 401:
@@ -97,11 +177,17 @@ def _operation(path_params: list[str], operation: Operation) -> dict:
         }
         for name, description in headers
     ]
+    examples = EXAMPLES[operation.operation_id]
     success = {"description": operation.summary, "headers": _response_headers(operation.status)}
+    if operation.replays:
+        success["headers"]["Idempotent-Replayed"] = {
+            "schema": {"type": "string", "enum": ["true"]},
+            "description": "Present when this is the stored answer of an idempotency key that already ran",
+        }
     if operation.response is not None:
-        success["content"] = {"application/json": {"schema": operation.response}}
+        success["content"] = {operation.media_type: {"schema": operation.response, "example": examples["response"]}}
     if operation.streams:
-        success["content"]["text/event-stream"] = {"schema": SERVER_SENT_EVENT}
+        success["content"]["text/event-stream"] = {"schema": SERVER_SENT_EVENT, "example": examples["events"]}
     responses = {str(operation.status): success}
     raised = (AUTHENTICATED_ERRORS if operation.authenticated else ()) + tuple(operation.errors)
     for status in sorted({error.status for error in raised}):
@@ -109,13 +195,19 @@ def _operation(path_params: list[str], operation: Operation) -> dict:
         responses[str(status)] = {
             "description": " or ".join(f"`{code}`" for code in codes),
             "headers": _response_headers(status),
-            "content": {"application/json": {"schema": "Error"}},
+            "content": {"application/json": {"schema": "Error", "example": {**ERROR_EXAMPLE, "code": codes[0]}}},
         }
-    spec = {"summary": operation.summary, "parameters": parameters, "responses": responses}
+    spec = {"operationId": operation.operation_id, "summary": operation.summary, "parameters": parameters,
+            "responses": responses}
     if operation.body is not None:
-        spec["requestBody"] = {"required": True, "content": {"application/json": {"schema": operation.body}}}
+        spec["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": operation.body, "example": examples["request"]}},
+        }
     if operation.authenticated:
         spec["security"] = [{"bearerAuth": []}]
+    elif operation.security:
+        spec["security"] = [{operation.security: []}]
     if operation.tags:
         spec["tags"] = list(operation.tags)
     return spec
@@ -124,15 +216,22 @@ def _operation(path_params: list[str], operation: Operation) -> dict:
 def build_openapi(app: Flask) -> dict:
     """The OpenAPI document of every documented route of `app`."""
     marshmallow = MarshmallowPlugin()
-    spec = APISpec(title="chatapp", version="1.0.0", openapi_version=OPENAPI_VERSION, plugins=[marshmallow])
+    spec = APISpec(title="chatapp", version="1.0.0", openapi_version=OPENAPI_VERSION, plugins=[marshmallow],
+                   info={"description": INFO_DESCRIPTION})
     marshmallow.map_to_openapi_type(Cursor, "string", None)
     spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
+    spec.components.security_scheme("metricsToken", {
+        "type": "http", "scheme": "bearer", "description": "METRICS_TOKEN, when the service has one set"})
     spec.components.schema("Error", schema=ErrorSchema)
+    for tag in TAGS:
+        spec.tag(tag)
     paths: dict[str, dict] = {}
     for rule in app.url_map.iter_rules():
         operation = getattr(app.view_functions[rule.endpoint], "openapi", None)
         if operation is None:
             continue
+        if operation.security == "metricsToken" and not app.config["METRICS_TOKEN"]:
+            operation = replace(operation, security=None, errors=())  # without a token /metrics is open
         path = _FLASK_ARGUMENT.sub(r"{\1}", rule.rule)
         path_params = _FLASK_ARGUMENT.findall(rule.rule)
         for method in sorted(m.lower() for m in rule.methods if m.lower() in _METHODS):

@@ -201,6 +201,18 @@ class MessageListSchema(Schema):
     has_more = fields.Boolean(required=True)
 
 
+class HealthSchema(Schema):
+    """GET /healthz: the process is alive."""
+
+    status = fields.String(required=True, validate=validate.OneOf(["ok"]))
+
+
+class ReadinessSchema(Schema):
+    """GET /readyz: the database answers."""
+
+    status = fields.String(required=True, validate=validate.OneOf(["ready"]))
+
+
 class ErrorSchema(Schema):
     """Every error body."""
 

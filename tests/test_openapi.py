@@ -22,6 +22,7 @@ OPERATIONS = {
     ("/api/{user_id}/conversations/{conversation_id}/messages", "get"): {"200", "400", "401", "403", "404", "500", "503"},
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
+    ("/metrics", "get"): {"200"},
 }
 
 
@@ -33,7 +34,7 @@ def test_every_operation_and_status_is_documented(document):
 
 def test_every_route_is_documented(app, document):
     documented = {re.sub(r"\{(\w+)\}", r"<\1>", path) for path in document["paths"]}
-    not_api = ("static", "docs.docs_page", "docs.docs_asset", "docs.openapi_document", "metrics.metrics")
+    not_api = ("static", "docs.root", "docs.docs_page", "docs.docs_asset", "docs.openapi_document")
     served = {rule.rule for rule in app.url_map.iter_rules() if rule.endpoint not in not_api}
     assert served == documented
 
@@ -42,7 +43,59 @@ def test_bearer_security_on_api_operations(document):
     assert document["components"]["securitySchemes"]["bearerAuth"] == {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
     for path, item in document["paths"].items():
         for operation in item.values():
-            assert ("security" in operation) is path.startswith("/api/")
+            assert (operation.get("security") == [{"bearerAuth": []}]) is path.startswith("/api/")
+    assert "security" not in document["paths"]["/metrics"]["get"]  # no METRICS_TOKEN: open
+
+
+@pytest.mark.parametrize("config_overrides", [{"METRICS_TOKEN": "scraper-token"}])
+def test_metrics_with_a_token_document_their_own_security(document):
+    metrics = document["paths"]["/metrics"]["get"]
+    assert metrics["security"] == [{"metricsToken": []}]
+    assert set(metrics["responses"]) == {"200", "401"}
+    assert metrics["responses"]["401"]["description"] == "`authentication_required` or `invalid_token`"
+    assert set(metrics["responses"]["200"]["content"]) == {"text/plain"}
+
+
+def operations(document):
+    return [(path, method, operation) for path, item in document["paths"].items() for method, operation in item.items()]
+
+
+def test_the_document_reads_well_in_generators_and_swagger_ui(document):
+    assert len(document["info"]["description"]) > 200
+    tags = {tag["name"]: tag["description"] for tag in document["tags"]}
+    assert set(tags) == {"chat", "history", "operations"} and all(tags.values())
+    ids = [operation["operationId"] for _path, _method, operation in operations(document)]
+    assert len(ids) == len(set(ids)) == len(operations(document))
+    assert all(re.fullmatch(r"[a-z][a-z_]*", operation_id) for operation_id in ids)
+    for path, method, operation in operations(document):
+        assert set(operation["tags"]) <= set(tags), (path, method)
+        if "requestBody" in operation:
+            assert operation["requestBody"]["content"]["application/json"]["example"], (path, method)
+        for status, response in operation["responses"].items():
+            for media_type, content in response.get("content", {}).items():
+                assert content.get("example"), (path, method, status, media_type)
+
+
+def test_examples_are_valid_answers(document):
+    """The documented examples validate against the documented schemas (what Swagger UI shows is real)."""
+    from chatapp.openapi import EXAMPLES
+    from chatapp.schemas import ChatResponseSchema, ConversationListSchema, MessageListSchema
+
+    assert ChatRequestSchema(default_model="gpt-4").load(EXAMPLES["send_message"]["request"])
+    for operation_id, schema in (("send_message", ChatResponseSchema), ("list_conversations", ConversationListSchema),
+                                 ("list_messages", MessageListSchema)):
+        assert schema().validate(EXAMPLES[operation_id]["response"]) == {}, operation_id
+
+
+def test_chat_documents_replays_and_the_probes_their_bodies(document):
+    chat_ok = document["paths"]["/api/{user_id}/chat"]["post"]["responses"]["200"]
+    assert "Idempotent-Replayed" in chat_ok["headers"]
+    schemas = document["components"]["schemas"]
+    for path, status in (("/healthz", "ok"), ("/readyz", "ready")):
+        content = document["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
+        assert content["example"] == {"status": status}
+        name = content["schema"]["$ref"].rsplit("/", 1)[1]
+        assert schemas[name]["properties"]["status"]["enum"] == [status]
 
 
 def test_errors_use_the_error_schema_and_say_their_codes(document):

@@ -44,3 +44,11 @@ def test_migrations_match_the_models(app):
     with app.app_context(), db.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
     assert differences == []
+
+
+def test_the_root_leads_a_browser_to_the_docs(client):
+    response = client.get("/")
+    assert response.status_code == 302
+    assert response.headers["Location"] == "/docs"
+    assert response.data == b"" and "Content-Type" not in response.headers
+    assert client.get("/", follow_redirects=True).mimetype == "text/html"

@@ -231,3 +231,43 @@ def test_cors_for_configured_origins(client, auth, agent_server):
 
     other = client.post("/api/alice/chat", json={"message": "hi"}, headers={**auth.headers(), "Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_metrics_content_type_names_its_charset_once(client):
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].count("charset") == 1
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+
+
+METRICS_TOKEN = "metrics-token-for-the-scraper"
+
+
+@pytest.mark.parametrize("config_overrides", [{"METRICS_TOKEN": METRICS_TOKEN}])
+@pytest.mark.parametrize(
+    "authorization, status, code",
+    [
+        (None, 401, "authentication_required"),
+        ("Basic bWV0cmljczp4", 401, "authentication_required"),
+        ("Bearer wrong-token", 401, "invalid_token"),
+        (f"Bearer {METRICS_TOKEN}x", 401, "invalid_token"),
+        (f"Bearer {METRICS_TOKEN}", 200, None),
+        (f"bearer {METRICS_TOKEN}", 200, None),
+    ],
+)
+def test_metrics_token(client, authorization, status, code):
+    headers = {"Authorization": authorization} if authorization else {}
+    response = client.get("/metrics", headers=headers)
+    if code is None:
+        assert response.status_code == 200
+        assert "chatapp_http_requests_total" in response.get_data(as_text=True)
+    else:
+        body = assert_error(response, status, code)
+        assert set(body) == {"detail", "code", "request_id"}
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_metrics_are_open_without_a_token(client):
+    """Unset, /metrics is for a private network, as before; a bearer token is not looked at."""
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/metrics", headers={"Authorization": "Bearer anything"}).status_code == 200

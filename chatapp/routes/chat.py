@@ -95,6 +95,8 @@ def event_stream_response(outcome: TurnResult | TurnStream) -> Response:
 @bp.post("/api/<user_id>/chat")
 @documented(
     summary="Send a message; the agent's answer",
+    operation_id="send_message",
+    replays=True,
     body=ChatRequestSchema,
     response=ChatResponseSchema,
     errors=(

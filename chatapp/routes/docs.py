@@ -1,5 +1,6 @@
-"""GET /openapi.json and GET /docs: Swagger UI served from the swagger-ui-bundle package (no CDN)."""
-from flask import Blueprint, current_app, send_from_directory
+"""GET /openapi.json and GET /docs: Swagger UI served from the swagger-ui-bundle package (no CDN);
+GET / leads there."""
+from flask import Blueprint, Response, current_app, send_from_directory, url_for
 from swagger_ui_bundle import swagger_ui_path
 
 from chatapp.openapi import build_openapi
@@ -22,6 +23,14 @@ DOCS_PAGE = """<!DOCTYPE html>
 </body>
 </html>
 """
+
+
+@bp.get("/")
+def root():
+    """A person who opens the service's address in a browser lands on its API reference."""
+    response = Response(status=302, headers={"Location": url_for("docs.docs_page")})
+    del response.headers["Content-Type"]  # no body, so no content type
+    return response
 
 
 @bp.get("/openapi.json")

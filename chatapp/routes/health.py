@@ -5,19 +5,26 @@ from sqlalchemy import text
 from chatapp import errors
 from chatapp.extensions import db
 from chatapp.openapi import documented
+from chatapp.schemas import HealthSchema, ReadinessSchema
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
-@documented(summary="The process is alive", authenticated=False, tags=("operations",))
+@documented(summary="The process is alive", response=HealthSchema, authenticated=False, tags=("operations",))
 def healthz():
     """The process is up; touches nothing."""
     return {"status": "ok"}
 
 
 @bp.get("/readyz")
-@documented(summary="The database is reachable", authenticated=False, errors=(errors.ServiceUnavailable,), tags=("operations",))
+@documented(
+    summary="The database is reachable",
+    response=ReadinessSchema,
+    authenticated=False,
+    errors=(errors.ServiceUnavailable,),
+    tags=("operations",),
+)
 def readyz():
     """The database answers; a failure becomes 503 service_unavailable through the error handlers."""
     db.session.execute(text("SELECT 1"))
