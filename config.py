@@ -106,15 +106,18 @@ class Config:
         self.DATABASE_URL = _env("DATABASE_URL")  # None: SQLite file in the instance folder
         if self.DATABASE_URL:
             self.SQLALCHEMY_DATABASE_URI = database_url(self.DATABASE_URL)
-        self.DATABASE_POOL_SIZE = _env_int("DATABASE_POOL_SIZE", 10)
-        self.DATABASE_MAX_OVERFLOW = _env_int("DATABASE_MAX_OVERFLOW", 10)
+        self.DATABASE_POOL_SIZE = _env_int("DATABASE_POOL_SIZE", 5)
+        self.DATABASE_MAX_OVERFLOW = _env_int("DATABASE_MAX_OVERFLOW", 0)
         self.DATABASE_POOL_TIMEOUT = _env_float("DATABASE_POOL_TIMEOUT", 10.0)
         self.SQLALCHEMY_ENGINE_OPTIONS = {
             # Stale connections (a database restart) are replaced at checkout, not failed on: those
             # idle longer than DATABASE_PING_AFTER_IDLE are pinged first (chatapp/extensions.py).
             "pool_recycle": 300,
             # Per process. Turns hold a connection only for their short reads and writes, never
-            # while the agent works; keep workers x (size + overflow) under the server's max_connections.
+            # while the agent works. One instance opens at most WEB_CONCURRENCY x (size + overflow):
+            # 4 x (5 + 0) = 20 fits a small database plan, and measured no slower than 4 x (10 + 10)
+            # in S1, S2 or S3 (bench/results/2026-12-01-cb5a4c3-pool-sizes.md); overflow connections
+            # are closed when returned, and reopened under load.
             "pool_size": self.DATABASE_POOL_SIZE,
             "max_overflow": self.DATABASE_MAX_OVERFLOW,
             "pool_timeout": self.DATABASE_POOL_TIMEOUT,

@@ -37,8 +37,11 @@ def test_defaults_are_the_contracts(environ):
 
 
 def test_database_pool_settings(environ, tmp_path):
-    options = DevelopmentConfig().SQLALCHEMY_ENGINE_OPTIONS
-    assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (10, 10, 10.0)
+    config = DevelopmentConfig()
+    options = config.SQLALCHEMY_ENGINE_OPTIONS
+    assert (options["pool_size"], options["max_overflow"], options["pool_timeout"]) == (5, 0, 10.0)
+    # One instance with the defaults fits a database plan of 20 connections.
+    assert config.WEB_CONCURRENCY * (config.DATABASE_POOL_SIZE + config.DATABASE_MAX_OVERFLOW) == 20
     environ.setenv("DATABASE_POOL_SIZE", "4")
     environ.setenv("DATABASE_MAX_OVERFLOW", "2")
     options = DevelopmentConfig().SQLALCHEMY_ENGINE_OPTIONS

@@ -38,13 +38,19 @@ def load_chat_request(user_id: str) -> dict:
     return chat_request
 
 
+def compact_json(data) -> str:
+    """JSON as every other body of the service is written (jsonify's compact form), on one line."""
+    return current_app.json.dumps(data, separators=(",", ":"))
+
+
 def render_chat_response(turn: ChatTurn) -> str:
-    """The ChatResponse body, exactly as sent (and stored for idempotent replays)."""
-    return current_app.json.dumps(_CHAT_RESPONSE.dump(turn))
+    """The ChatResponse, exactly as sent (and stored for idempotent replays); the data of `done`."""
+    return compact_json(_CHAT_RESPONSE.dump(turn))
 
 
 def chat_response(result: TurnResult) -> Response:
-    response = Response(result.body, status=200, mimetype="application/json")
+    # The line end that jsonify adds to every other body: a terminal's prompt starts on a line of its own.
+    response = Response(result.body + "\n", status=200, mimetype="application/json")
     if result.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
@@ -55,7 +61,7 @@ def server_sent_event(event: str, data: str) -> str:
 
 
 def delta_event(content: str) -> str:
-    return server_sent_event("delta", current_app.json.dumps({"content": content}))
+    return server_sent_event("delta", compact_json({"content": content}))
 
 
 def relay(turn: TurnStream):
@@ -71,7 +77,7 @@ def relay(turn: TurnStream):
         except Exception as exc:
             error = as_api_error(exc)
             turn.abort(exc)
-            yield server_sent_event("error", current_app.json.dumps(error_body(error)))
+            yield server_sent_event("error", compact_json(error_body(error)))
             return
         yield server_sent_event("done", result.body)
 
