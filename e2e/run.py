@@ -128,7 +128,7 @@ def start_conversations(base_url: str, token: str, user_id: str, count: int) -> 
 # newman -----------------------------------------------------------------------------------------
 
 
-def run_newman(base_url: str, token: str, workdir: Path) -> dict:
+def run_newman(base_url: str, token: str, metrics_token: str, workdir: Path) -> dict:
     """newman over the collection and its environment; the counts of its JSON report."""
     report = workdir / "newman.json"
     command = [
@@ -136,13 +136,14 @@ def run_newman(base_url: str, token: str, workdir: Path) -> dict:
         "--env-var", f"base_url={base_url}",
         "--env-var", f"user_id={NEWMAN_USER}",
         "--env-var", f"token={token}",
+        "--env-var", f"metrics_token={metrics_token}",
         "--timeout-request", str(REQUEST_TIMEOUT * 1000),
         "--timeout", str(NEWMAN_TIMEOUT * 1000),
         "--reporters", "cli,json", "--reporter-json-export", str(report),
         "--color", "off", "--disable-unicode",
     ]
     log(f"newman run {COLLECTION.relative_to(ROOT)} --environment {ENVIRONMENT.relative_to(ROOT)} "
-        f"--env-var base_url={base_url} --env-var user_id={NEWMAN_USER} --env-var token=...")
+        f"--env-var base_url={base_url} --env-var user_id={NEWMAN_USER} --env-var token=... --env-var metrics_token=...")
     completed = subprocess.run(command, cwd=ROOT, timeout=NEWMAN_TIMEOUT + 30)
     run = json.loads(report.read_text())["run"] if report.exists() else {"stats": {}, "failures": []}
     stats = run["stats"]
@@ -317,6 +318,7 @@ def main() -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="chatapp-e2e-"))
     secret = secrets.token_urlsafe(48)
+    metrics_token = secrets.token_urlsafe(24)
     agent = server = newman = fuzz = None
     logged_errors: list[str] = []
     try:
@@ -327,6 +329,7 @@ def main() -> int:
             {
                 "DATABASE_URL": database_url,
                 "JWT_SECRET_KEY": secret,
+                "METRICS_TOKEN": metrics_token,
                 "AGENT_URL": agent.url,
                 "AGENT_TIMEOUT": "10",
                 # The per-user limit (60 turns a minute) would answer most fuzzed turns with 429.
@@ -344,7 +347,7 @@ def main() -> int:
         server.start()
         log(f"the Procfile's web process (production settings) at {server.url}, database {shown_url(database_url)}")
 
-        newman = run_newman(server.url, make_token(secret, NEWMAN_USER), workdir)
+        newman = run_newman(server.url, make_token(secret, NEWMAN_USER), metrics_token, workdir)
 
         fuzz_token = make_token(secret, FUZZ_USER)
         ids = start_conversations(server.url, fuzz_token, FUZZ_USER, KEPT_CONVERSATIONS + DOOMED_CONVERSATIONS)
