@@ -192,7 +192,7 @@ def send_chunk(handler: "_Handler", data: bytes) -> None:
 class Stream:
     """A streamed answer: `pieces` `interval` apart; after `pause_after` pieces a pause of `pause` s, or
     until `pause_event` is set; `fail_after` pieces then a cut connection; `done=False` leaves out [DONE].
-    `sent` counts the pieces written, `finished` is set when the handler returns, `disconnected` when
+    `sent` counts the pieces handed to the connection, `finished` is set when the handler returns, `disconnected` when
     a write failed because the client had gone."""
 
     pieces: tuple[str, ...] = ("Hel", "lo", "!")
@@ -224,9 +224,9 @@ class Stream:
             piece = index - 1  # the role's chunk comes first
             if 0 <= piece <= len(self.pieces) and self._hold(handler, piece):
                 return False
-            send_chunk(handler, event)
             if 0 <= piece < len(self.pieces):
-                self.sent += 1
+                self.sent += 1  # before the write: a client that has read a piece finds it counted
+            send_chunk(handler, event)
         send_chunk(handler, b"")
         return True
 
