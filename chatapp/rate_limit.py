@@ -58,18 +58,48 @@ class ProcessWindow:
 
 
 class SharedWindow:
-    """The moving window in Redis at REDIS_URL, shared by every process and host."""
+    """The moving window in Redis at REDIS_URL, shared by every process and host, behind a breaker:
+    after a failure the limit fails open at once for OPEN_SECONDS, instead of every request waiting
+    out the timeout on a Redis that is down or frozen; then one request tries Redis again."""
 
-    def __init__(self, rate: RateLimitItem, redis_url: str):
-        # A Redis that is down must cost a request little time: fail fast, then fail open.
-        storage = storage_from_string(redis_url, socket_connect_timeout=0.25, socket_timeout=0.25)
+    OPEN_SECONDS = 5.0
+    TIMEOUT_SECONDS = 0.25
+
+    def __init__(self, rate: RateLimitItem, redis_url: str, clock=time.monotonic):
+        storage = storage_from_string(redis_url, socket_connect_timeout=self.TIMEOUT_SECONDS,
+                                      socket_timeout=self.TIMEOUT_SECONDS)
         self._limiter = MovingWindowRateLimiter(storage)
         self._rate = rate
+        self._clock = clock
+        self._open_until = 0.0
+        self._probing = threading.Lock()
 
     def hit(self, user_id: str) -> float | None:
-        if self._limiter.hit(self._rate, KEY_PREFIX, "chat", user_id):
+        """As ProcessWindow.hit; None (allowed) while Redis is failing."""
+        if not self._open_until:
+            return self._ask(user_id)
+        if self._clock() < self._open_until or not self._probing.acquire(blocking=False):
+            return None  # open: fail open at once, and one request at a time probes after the period
+        try:
+            return self._ask(user_id)
+        finally:
+            self._probing.release()
+
+    def _ask(self, user_id: str) -> float | None:
+        try:
+            if self._limiter.hit(self._rate, KEY_PREFIX, "chat", user_id):
+                wait = None
+            else:
+                wait = self._limiter.get_window_stats(self._rate, KEY_PREFIX, "chat", user_id).reset_time - time.time()
+        except Exception as exc:  # any storage failure: down, frozen, restarting, full
+            now = self._clock()
+            already_open, self._open_until = self._open_until > now, now + self.OPEN_SECONDS
+            if not already_open:  # once an open period: the requests that were waiting with it say nothing
+                log.warning("rate limit storage unavailable (%s): requests allowed for %.0f s",
+                            type(exc).__name__, self.OPEN_SECONDS)
             return None
-        return self._limiter.get_window_stats(self._rate, KEY_PREFIX, "chat", user_id).reset_time - time.time()
+        self._open_until = 0.0
+        return wait
 
 
 def register_rate_limit(app: Flask) -> None:
@@ -80,11 +110,7 @@ def register_rate_limit(app: Flask) -> None:
 
 def enforce_rate_limit(user_id: str) -> None:
     """Count one chat request for the user; 429 with Retry-After past RATE_LIMIT. If the storage
-    is unreachable the request goes through (fail open) and the failure is logged."""
-    try:
-        wait = current_app.extensions["chat_rate_limit"].hit(user_id)
-    except Exception as exc:  # any storage failure: Redis down, timing out, restarting
-        log.warning("rate limit storage unavailable, request allowed: %s", type(exc).__name__)
-        return
+    is unreachable the request goes through (fail open)."""
+    wait = current_app.extensions["chat_rate_limit"].hit(user_id)
     if wait is not None:
         raise RateLimited(retry_after=math.ceil(max(1.0, wait)))

@@ -26,6 +26,8 @@ BAD_BODIES = {
     "json string": ("application/json", b'"hi"', None),
     "NaN": ("application/json", b'{"message": "hi", "model": NaN}', None),
     "Infinity": ("application/json", b'{"message": "hi", "x": -Infinity}', None),
+    "a key given twice": ("application/json", b'{"message": "a", "message": "b"}', "message"),
+    "a key given twice, inside": ("application/json", b'{"message": "hi", "model": "m", "x": {"k": 1, "k": 2}}', "k"),
     "nested too deep": ("application/json", b'{"message": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
     "missing message": ("application/json", {}, "message"),
     "empty message": ("application/json", {"message": ""}, "message"),

@@ -271,3 +271,81 @@ def test_metrics_are_open_without_a_token(client):
     """Unset, /metrics is for a private network, as before; a bearer token is not looked at."""
     assert client.get("/metrics").status_code == 200
     assert client.get("/metrics", headers={"Authorization": "Bearer anything"}).status_code == 200
+
+
+@pytest.fixture
+def own_redis(request, tmp_path):
+    """A Redis server of the test's own, on a free port, to freeze (SIGSTOP) and thaw."""
+    import shutil
+    import signal
+    import subprocess
+
+    from tests.conftest import skip_or_fail
+    from tests.live_server import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        skip_or_fail(request, "redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.RedisError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    class Server:
+        url = f"redis://127.0.0.1:{port}/0"
+        freeze = staticmethod(lambda: process.send_signal(signal.SIGSTOP))
+        thaw = staticmethod(lambda: process.send_signal(signal.SIGCONT))
+
+    yield Server
+    process.send_signal(signal.SIGCONT)
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_a_frozen_redis_costs_one_timeout_then_turns_keep_their_latency(own_redis, database_uri, agent_server, auth, caplog):
+    app = make_app(SQLALCHEMY_DATABASE_URI=database_uri, AGENT_URL=agent_server.url, REDIS_URL=own_redis.url,
+                   RATE_LIMIT="5 per minute")
+    window = app.extensions["chat_rate_limit"]
+    window.OPEN_SECONDS = 0.5
+    chat = Chat(app.test_client(), auth)
+    try:
+        def timed_turn(n):
+            started = time.monotonic()
+            response = chat.post({"message": f"turn {n}"})
+            return response.status_code, time.monotonic() - started
+
+        for n in range(2):  # 2 of the 5 counted
+            timed_turn(n)
+        asked = []
+        real_hit = window._limiter.hit
+        window._limiter.hit = lambda *args: asked.append(args) or real_hit(*args)
+        own_redis.freeze()
+        caplog.clear()
+        first_status, first_seconds = timed_turn(10)
+        frozen = [timed_turn(n) for n in range(11, 21)]
+        assert first_status == 200 and first_seconds >= window.TIMEOUT_SECONDS  # the one that found out
+        assert [status for status, _ in frozen] == [200] * 10  # failing open, uncounted
+        assert len(asked) == 1  # the others did not wait on Redis...
+        assert max(seconds for _, seconds in frozen) < first_seconds  # ...and did not pay its timeout
+        warnings = [r for r in caplog.records if "rate limit storage unavailable" in r.getMessage()]
+        assert len(warnings) == 1
+
+        own_redis.thaw()
+        time.sleep(window.OPEN_SECONDS + 0.1)
+        # Redis counts again. 3 of the 5 are used: the 2 before, and the one that timed out, which
+        # Redis ran when it woke up.
+        assert [chat.post({"message": f"after {n}"}).status_code for n in range(3)] == [200, 200, 429]
+    finally:
+        own_redis.thaw()
+        with app.app_context():
+            db.engine.dispose()

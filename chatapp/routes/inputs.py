@@ -16,6 +16,25 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not valid JSON")
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs):
+    """An object's members, refusing a key given twice: a proxy or a validator in front may have
+    read the first value where json.loads keeps the last."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        seen = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return members
+
+
 def check_user_id(user_id: str) -> None:
     """The path's user id: 1 to 255 characters (400 otherwise)."""
     _PATH_USER.load({"user_id": user_id})
@@ -53,8 +72,11 @@ def json_body() -> object:
         raise InvalidRequest("Content-Type must be application/json")
     raw = body_bytes()
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise InvalidRequest("Request body is nested too deeply") from None
+    except _DuplicateKey as duplicate:
+        raise InvalidRequest(f"Request body has the key {duplicate.key!r} more than once",
+                             errors={duplicate.key: ["Given more than once."]}) from None
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
         raise InvalidRequest("Request body is not valid JSON") from None
