@@ -153,6 +153,8 @@ class Config:
         self.CONTEXT_MAX_MESSAGES = _env_int("CONTEXT_MAX_MESSAGES", 50)
         self.CONTEXT_MAX_CHARS = _env_int("CONTEXT_MAX_CHARS", 100000)
         self.MAX_CONTENT_LENGTH = _env_int("MAX_CONTENT_LENGTH", 262144)
+        # Seconds a client has to send its whole request (headers and body); chatapp/serving.py.
+        self.REQUEST_READ_TIMEOUT = _env_float("REQUEST_READ_TIMEOUT", 10.0)
         self.RATE_LIMIT = _env("RATE_LIMIT", "60 per minute")
         self.REDIS_URL = _env("REDIS_URL")
         self.CORS_ORIGINS = _env_list("CORS_ORIGINS")
@@ -178,7 +180,8 @@ class Config:
 
     def validate(self):
         """Raise ConfigError, naming the setting, when these settings cannot serve."""
-        for name in ("AGENT_CONNECT_TIMEOUT", "AGENT_TIMEOUT", "AGENT_STREAM_TIMEOUT", "DATABASE_POOL_TIMEOUT"):
+        for name in ("AGENT_CONNECT_TIMEOUT", "AGENT_TIMEOUT", "AGENT_STREAM_TIMEOUT", "DATABASE_POOL_TIMEOUT",
+                     "REQUEST_READ_TIMEOUT"):
             _require(name, getattr(self, name) > 0, "must be positive")
         for name in ("AGENT_MAX_RESPONSE_BYTES", "MAX_CONTENT_LENGTH", "IDEMPOTENCY_TTL", "DATABASE_POOL_SIZE",
                      "WEB_CONCURRENCY", "GUNICORN_THREADS"):

@@ -21,7 +21,9 @@ bind = f"0.0.0.0:{settings.PORT}"
 # workers, a slow agent (S3) kept 0.62-0.69 of S1's throughput, with 32 in each of 4, 0.74-0.82.
 workers = settings.WEB_CONCURRENCY
 # Threads, not processes, wait on the agent: a turn blocked on a slow agent costs one thread.
-worker_class = "gthread"
+# gunicorn's gthread worker, reading each request whole before a thread takes it, so that slow
+# clients hold no thread (REQUEST_READ_TIMEOUT), and answering its own errors in JSON.
+worker_class = "chatapp.serving.RequestReadingWorker"
 # 4 x 32 threads hold 128 slow turns in flight (S3).
 threads = settings.GUNICORN_THREADS
 # gthread keeps accepting until a worker holds worker_connections (default 1000), and keep-alive
@@ -45,15 +47,7 @@ loglevel = settings.LOG_LEVEL.lower()
 if settings.LOG_FORMAT == "json":
     # gunicorn's own lines (start, worker boot and exit, errors) as JSON objects too, like the
     # app's, so that a log pipeline reads one format.
-    logconfig_dict = {
-        "root": {"level": settings.LOG_LEVEL, "handlers": ["json"]},
-        "loggers": {
-            "gunicorn.error": {"level": settings.LOG_LEVEL, "handlers": ["json"], "propagate": False},
-            "gunicorn.access": {"level": "INFO", "handlers": ["json"], "propagate": False},
-        },
-        "handlers": {"json": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
-        "formatters": {"json": {"()": "chatapp.log_config.JsonFormatter"}},
-    }
+    logger_class = "chatapp.log_config.GunicornJsonLogger"
 # No runtime control socket: one per user by default, so two servers on a host would fight over it.
 control_socket_disable = True
 

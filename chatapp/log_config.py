@@ -9,6 +9,7 @@ import time
 from datetime import datetime, timezone
 
 from flask import Flask, g, has_app_context, request
+from gunicorn.glogging import Logger as GunicornLogger
 
 request_log = logging.getLogger("chatapp.request")
 
@@ -38,6 +39,17 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+class GunicornJsonLogger(GunicornLogger):
+    """gunicorn's logger (gunicorn.conf.py's logger_class in production), its lines written as
+    JSON objects by JsonFormatter. (gunicorn's logconfig_dict would do it too, but it turns
+    gunicorn's access log on, a second line for every request.)"""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for handler in self.error_log.handlers + self.access_log.handlers:
+            handler.setFormatter(JsonFormatter())
 
 
 class LineWriter(logging.Handler):

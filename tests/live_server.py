@@ -20,6 +20,35 @@ def procfile() -> dict[str, str]:
     return dict(line.split(": ", 1) for line in lines if line.strip() and not line.startswith("#"))
 
 
+def raw_request(port: int, head: bytes, body_parts=(), read_timeout: float = 10.0) -> tuple[int, dict, bytes]:
+    """Send `head` and then each part of the body on one connection, as written (no framing
+    added); the status, headers and body of the final answer (interim 1xx answers are skipped)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        answer = b""
+        while True:
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            head_bytes, _, body = answer.partition(b"\r\n\r\n")
+            if not head_bytes.startswith(b"HTTP/1.1 1"):
+                break
+            answer = body  # an interim answer (100 Continue): the final one follows
+        lines = head_bytes.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return int(lines[0].split()[1]), headers, body
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,7 +1,6 @@
 """The Procfile's two lines, for real: migrations, then gunicorn serving production settings."""
 import importlib.util
 import json
-import socket
 import time
 import uuid
 
@@ -9,7 +8,7 @@ import pytest
 import requests
 
 from tests.conftest import TEST_SECRET
-from tests.live_server import ROOT, LiveServer
+from tests.live_server import ROOT, LiveServer, raw_request
 
 
 def load_gunicorn_conf(monkeypatch, tmp_path, **env):
@@ -27,7 +26,7 @@ def load_gunicorn_conf(monkeypatch, tmp_path, **env):
 def test_gunicorn_conf_reads_the_environment(monkeypatch, tmp_path):
     conf = load_gunicorn_conf(monkeypatch, tmp_path, PORT="9123", WEB_CONCURRENCY="3", GUNICORN_THREADS="16", AGENT_TIMEOUT="45")
     assert conf.bind == "0.0.0.0:9123"
-    assert (conf.workers, conf.worker_class, conf.threads, conf.worker_connections) == (3, "gthread", 16, 24)
+    assert (conf.workers, conf.worker_class, conf.threads, conf.worker_connections) == (3, "chatapp.serving.RequestReadingWorker", 16, 24)
     assert conf.timeout > 45  # a heartbeat, kept above the agent's deadline
 
 
@@ -39,7 +38,7 @@ def test_gunicorn_conf_defaults(monkeypatch, tmp_path):
     assert conf.timeout > 25
     # Heroku-style platforms send SIGKILL 30 s after SIGTERM; a turn at the default deadline fits.
     assert 25 < conf.graceful_timeout <= 28
-    assert conf.logconfig_dict["formatters"]["json"] == {"()": "chatapp.log_config.JsonFormatter"}
+    assert conf.logger_class == "chatapp.log_config.GunicornJsonLogger"
     assert conf.control_socket_disable is True
     assert conf.accesslog is None and conf.errorlog == "-"
     assert conf.limit_request_line == 8190
@@ -77,31 +76,6 @@ def test_release_then_web_serve_a_conversation(tmp_path, agent_server, auth):
         bad = requests.post(f"{server.url}/api/alice/chat", data=b"{", headers={**headers, "Content-Type": "application/json"}, timeout=5)
         assert (bad.status_code, bad.json()["code"]) == (400, "invalid_request")
         uuid.UUID(bad.headers["X-Request-ID"], version=4)
-
-
-def raw_request(port: int, head: bytes, body_parts=(), read_timeout: float = 10.0) -> tuple[int, dict, bytes]:
-    """Send `head` and then each part of the body on one connection, as written (no framing
-    added); the status, headers and body of the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
-        sock.sendall(head)
-        for part in body_parts:
-            sock.sendall(part)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        head_bytes, _, body = answer.partition(b"\r\n\r\n")
-        lines = head_bytes.decode("latin-1").split("\r\n")
-        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        return int(lines[0].split()[1]), headers, body
 
 
 def chunk(data: bytes) -> bytes:
