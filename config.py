@@ -159,8 +159,9 @@ class Config:
         self.REDIS_URL = _env("REDIS_URL")
         self.CORS_ORIGINS = _env_list("CORS_ORIGINS")
         self.IDEMPOTENCY_TTL = _env_int("IDEMPOTENCY_TTL", 86400)
-        # A turn holds its conversation and key for AGENT_TIMEOUT plus this; then it is presumed dead.
-        self.TURN_HOLD_MARGIN = _env_float("TURN_HOLD_MARGIN", 15.0)
+        # A turn's claims on its conversation and key are leases this long, renewed while it runs:
+        # the claims of a worker that died lapse this long after its last renewal (chatapp/claims.py).
+        self.TURN_LEASE_SECONDS = _env_float("TURN_LEASE_SECONDS", 10.0)
         self.METRICS_TOKEN = _env("METRICS_TOKEN")  # None: /metrics is open (keep it on a private network)
 
         self.LOG_LEVEL = _env("LOG_LEVEL", "INFO").upper()
@@ -181,13 +182,13 @@ class Config:
     def validate(self):
         """Raise ConfigError, naming the setting, when these settings cannot serve."""
         for name in ("AGENT_CONNECT_TIMEOUT", "AGENT_TIMEOUT", "AGENT_STREAM_TIMEOUT", "DATABASE_POOL_TIMEOUT",
-                     "REQUEST_READ_TIMEOUT"):
+                     "REQUEST_READ_TIMEOUT", "TURN_LEASE_SECONDS"):
             _require(name, getattr(self, name) > 0, "must be positive")
         for name in ("AGENT_MAX_RESPONSE_BYTES", "MAX_CONTENT_LENGTH", "IDEMPOTENCY_TTL", "DATABASE_POOL_SIZE",
                      "WEB_CONCURRENCY", "GUNICORN_THREADS"):
             _require(name, getattr(self, name) >= 1, "must be at least 1")
         for name in ("AGENT_MAX_RETRIES", "CONTEXT_MAX_MESSAGES", "CONTEXT_MAX_CHARS", "DATABASE_MAX_OVERFLOW",
-                     "DATABASE_PING_AFTER_IDLE", "TURN_HOLD_MARGIN"):
+                     "DATABASE_PING_AFTER_IDLE"):
             _require(name, getattr(self, name) >= 0, "must not be negative")
         _require("PORT", 1 <= self.PORT <= 65535, "must be a TCP port, 1 to 65535")
         _require("LOG_FORMAT", self.LOG_FORMAT in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}")

@@ -6,7 +6,7 @@ from flask import Flask
 from flask_cors import CORS
 from sqlalchemy.engine import make_url
 
-from chatapp import agent_client, cli, errors, log_config, metrics, rate_limit, request_ids
+from chatapp import agent_client, claims, cli, errors, log_config, metrics, rate_limit, request_ids
 from chatapp.auth import register_auth
 from chatapp.extensions import db, jwt, ping_idle_connections
 from chatapp.routes import chat, conversations, docs, health
@@ -68,6 +68,7 @@ def register_extensions(app: Flask) -> None:
         register_migrations(app)
     register_auth(app, jwt)
     rate_limit.register_rate_limit(app)
+    claims.register_turn_leases(app)
     if app.config["CORS_ORIGINS"]:
         CORS(
             app,

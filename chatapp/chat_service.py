@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from chatapp import idempotency, metrics, queries
 from chatapp.agent_client import AgentReply, AgentRunner
+from chatapp.claims import ClaimedConversation, TurnClaims, release
 from chatapp.errors import AgentUnavailable, ConversationBusy, ConversationNotFound
 from chatapp.extensions import db
 from chatapp.models import TITLE_LENGTH, utcnow
@@ -43,15 +44,6 @@ class TurnResult:
     agent_attempts: int | None = None
 
 
-@dataclass(frozen=True)
-class ClaimedConversation:
-    """An existing conversation this turn holds until it stores or fails."""
-
-    id: uuid.UUID
-    message_count: int
-    token: uuid.UUID
-
-
 def parse_conversation_id(value: str) -> uuid.UUID:
     """The UUID a client sent; anything malformed is just a conversation that does not exist."""
     try:
@@ -63,15 +55,9 @@ def parse_conversation_id(value: str) -> uuid.UUID:
     return parsed
 
 
-def turn_hold_seconds(stream: bool = False) -> float:
-    """How long a turn may hold its conversation and key: past this, its worker is presumed dead."""
-    config = current_app.config
-    return config["AGENT_STREAM_TIMEOUT" if stream else "AGENT_TIMEOUT"] + config["TURN_HOLD_MARGIN"]
-
-
 def claim_conversation(user_id: str, conversation_id: str | None, hold_seconds: float) -> ClaimedConversation | None:
-    """Step 3: hold the user's conversation for this turn (None: a new one); 404, or 409 while
-    another turn holds it."""
+    """Step 3: hold the user's conversation for this turn, a lease of `hold_seconds` (None: a new
+    one); 404, or 409 while another turn holds it."""
     if conversation_id is None:
         return None
     parsed_id = parse_conversation_id(conversation_id)
@@ -102,10 +88,17 @@ class PendingTurn:
 
     user_id: str
     chat_request: dict
-    conversation: ClaimedConversation | None
-    key_claim: idempotency.KeyClaim | None
+    claims: TurnClaims
     asked_at: datetime
     render: Callable[[ChatTurn], str]
+
+    @property
+    def conversation(self) -> ClaimedConversation | None:
+        return self.claims.conversation
+
+    @property
+    def key_claim(self) -> idempotency.KeyClaim | None:
+        return self.claims.key
 
 
 def send_message(
@@ -119,7 +112,10 @@ def send_message(
     which is stored with the key so that a retry gets the same bytes. A streamed turn comes back
     as a TurnStream once the agent's first piece has arrived; it stores the turn when it ends."""
     stream = chat_request["stream"]
-    key_claim = None
+    leases = current_app.extensions["turn_leases"]
+    if leases.owes():  # a failed turn's claims, not released yet: their conversation may be this one
+        leases.pay_owed()
+    claims = TurnClaims()
     if chat_request["idempotency_key"]:
         fingerprint = idempotency.request_fingerprint(
             chat_request["message"], chat_request["conversation_id"], chat_request["model"]
@@ -128,24 +124,26 @@ def send_message(
             user_id,
             chat_request["idempotency_key"],
             fingerprint,
-            hold_seconds=turn_hold_seconds(stream),
+            hold_seconds=leases.lease_seconds,
             ttl_seconds=current_app.config["IDEMPOTENCY_TTL"],
         )
         if isinstance(outcome, idempotency.Replay):
             return TurnResult(outcome.body, replayed=True)
-        key_claim = outcome
+        claims.key = outcome
+        leases.hold(claims)
 
-    conversation = None
     try:
-        conversation = claim_conversation(user_id, chat_request["conversation_id"], turn_hold_seconds(stream))
-        turn = PendingTurn(user_id, chat_request, conversation, key_claim, utcnow(), render)
+        claims.conversation = claim_conversation(user_id, chat_request["conversation_id"], leases.lease_seconds)
+        if claims.conversation is not None:
+            leases.hold(claims)
+        turn = PendingTurn(user_id, chat_request, claims, utcnow(), render)
         context = read_context(turn)
         if stream:
             return TurnStream.start(turn, agent, context, request_id)
         reply, agent_ms = call_agent(agent, context, chat_request["model"], request_id)
         return store_turn(turn, reply, agent_ms)
     except BaseException:
-        release_claims(conversation, key_claim)
+        release_claims(claims)
         raise
 
 
@@ -222,6 +220,7 @@ def store_turn(turn: PendingTurn, reply: AgentReply, agent_ms: float) -> TurnRes
     if turn.key_claim is not None:
         idempotency.complete_key(turn.key_claim, body, conversation_id)
     db.session.commit()
+    current_app.extensions["turn_leases"].let_go(turn.claims)
     return TurnResult(body, False, str(conversation_id), agent_ms, reply.attempts)
 
 
@@ -272,7 +271,7 @@ class TurnStream:
         try:
             return store_turn(self.turn, reply, elapsed_ms(self._started))
         except BaseException:
-            release_claims(self.turn.conversation, self.turn.key_claim)
+            release_claims(self.turn.claims)
             raise
 
     def abort(self, error: Exception | None = None) -> None:
@@ -283,21 +282,21 @@ class TurnStream:
         self._agent_stream.close()
         kind = error.kind if isinstance(error, AgentUnavailable) else "aborted"
         metrics.observe_agent_call(time.perf_counter() - self._started, kind)
-        release_claims(self.turn.conversation, self.turn.key_claim)
+        release_claims(self.turn.claims)
 
 
-def release_claims(conversation: ClaimedConversation | None, key_claim: idempotency.KeyClaim | None) -> None:
-    """After a failed turn: nothing of it stays stored, the conversation and the key are free again."""
+def release_claims(claims: TurnClaims) -> None:
+    """After a failed turn: nothing of it stays stored, the conversation and the key are free again
+    (or, when the database is the failure, as soon as it answers again)."""
     db.session.rollback()
-    if conversation is None and key_claim is None:
+    if claims.conversation is None and claims.key is None:
         return
+    leases = current_app.extensions["turn_leases"]
     try:
-        if conversation is not None:
-            queries.release_conversation(conversation.id, conversation.token)
-        if key_claim is not None:
-            idempotency.release_key(key_claim)
+        release(claims)
         db.session.commit()
+        leases.let_go(claims)
     except Exception:
-        # The database may be the failure: the hold then lapses by itself after turn_hold_seconds().
         db.session.rollback()
-        log.warning("could not release the claims of a failed turn", exc_info=True)
+        log.warning("could not release the claims of a failed turn: released when the database answers", exc_info=True)
+        leases.owe(claims)

@@ -121,6 +121,33 @@ def insert_messages(rows: list[dict]) -> None:
     db.session.execute(_INSERT_MESSAGES, rows).all()
 
 
+_RENEW_CONVERSATION_CLAIM = (
+    update(conversations)
+    .where(conversations.c.id == _param("conversation_id", conversations.c.id),
+           conversations.c.claim_token == _param("token", conversations.c.claim_token))
+    .values(claimed_until=_param("until", conversations.c.claimed_until))
+)
+keys = IdempotencyKey.__table__
+_RENEW_KEY_CLAIM = (
+    update(keys)
+    .where(keys.c.user_id == _param("owner", keys.c.user_id), keys.c.key == _param("name", keys.c.key),
+           keys.c.claim_token == _param("token", keys.c.claim_token))
+    .values(locked_until=_param("until", keys.c.locked_until))
+)
+
+
+def renew_claims(conversations_held: list[tuple[uuid.UUID, uuid.UUID]], keys_held: list[tuple[str, str, uuid.UUID]],
+                 until: datetime) -> None:
+    """Extend the claims of running turns, each by its primary key and only while it is still the
+    turn's: (conversation id, token) and (user id, key, token)."""
+    if conversations_held:
+        db.session.execute(_RENEW_CONVERSATION_CLAIM, [
+            {"conversation_id": conversation_id, "token": token, "until": until} for conversation_id, token in conversations_held])
+    if keys_held:
+        db.session.execute(_RENEW_KEY_CLAIM, [
+            {"owner": owner, "name": name, "token": token, "until": until} for owner, name, token in keys_held])
+
+
 def release_conversation(conversation_id: uuid.UUID, token: uuid.UUID) -> None:
     """Give the conversation back after a failed turn (only if the claim is still ours)."""
     db.session.execute(

@@ -17,6 +17,7 @@ from chatapp.extensions import db as _db
 from chatapp.models import Conversation, Message
 from config import TestingConfig, database_url
 from tests.agent_server import AgentServer
+from tests.live_server import ThrowawayPostgres
 
 TEST_SECRET = "test-secret-long-enough-for-every-hmac-algorithm-0123456789abcdef"
 DATABASES = ["sqlite", "postgresql"]
@@ -297,3 +298,14 @@ def count_statements(app):
             event.remove(self.engine, "before_cursor_execute", self._record)
 
     return Counter
+
+
+@pytest.fixture
+def throwaway_postgres(request):
+    """A PostgreSQL cluster of the test's own on a free port, to stop and start at will."""
+    if not ThrowawayPostgres.available():
+        skip_or_fail(request, "PostgreSQL server binaries are not installed")
+    cluster = ThrowawayPostgres().create()
+    cluster.start()
+    yield cluster
+    cluster.destroy()

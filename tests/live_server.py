@@ -1,5 +1,7 @@
 """The service under gunicorn, as the Procfile runs it, on a free loopback port."""
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,3 +144,43 @@ class ProcfileServer(LiveServer):
 
     def command(self) -> list[str]:
         return [str(BIN / "honcho"), "start", "--no-colour", "web"]
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL cluster of its own (initdb) on a free loopback port, to stop and start at will:
+    a database outage, for real. As root it runs as the postgres user (initdb refuses root)."""
+
+    def __init__(self):
+        self.bin_dir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1])
+        # Not a private temporary directory: the cluster may run as another user.
+        self.base = Path(tempfile.mkdtemp(prefix="chatapp-pg-"))
+        self.base.chmod(0o755)
+        self.run_as = []
+        if os.geteuid() == 0:
+            shutil.chown(self.base, "postgres")
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres?connect_timeout=2"
+
+    @staticmethod
+    def available() -> bool:
+        return bool(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+
+    def create(self) -> "ThrowawayPostgres":
+        subprocess.run([*self.run_as, self.bin_dir / "initdb", "-D", self.base / "data", "-A", "trust", "-U", "postgres"],
+                       check=True, capture_output=True)
+        return self
+
+    def _pg_ctl(self, *args, check=True) -> None:
+        subprocess.run([*self.run_as, self.bin_dir / "pg_ctl", "-D", self.base / "data", "-l", self.base / "log",
+                        "-w", "-t", "30", *args], check=check, capture_output=True)
+
+    def start(self) -> None:
+        self._pg_ctl("-o", f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-m", "fast", "stop")
+
+    def destroy(self) -> None:
+        self._pg_ctl("-m", "immediate", "stop", check=False)
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -3,21 +3,17 @@ graceful shutdown, and a PostgreSQL server that goes down and comes back."""
 import glob
 import json
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
 from chatapp.extensions import db
 from tests.agent_server import Echo
-from tests.conftest import TEST_SECRET, AuthActions, Chat, make_app, skip_or_fail
-from tests.live_server import LiveServer, free_port
+from tests.conftest import TEST_SECRET, AuthActions, Chat, make_app
+from tests.live_server import LiveServer
 from tests.test_chat_api import assert_error
 from tests.test_production import metric
 
@@ -94,38 +90,6 @@ def test_sigterm_lets_the_turn_in_flight_finish_and_be_stored(production_env, ag
     assert response.status_code == 200
     assert response.json()["message"] == "You said: finish me"
     assert store.counts() == (1, 2)
-
-
-@pytest.fixture
-def throwaway_postgres(request):
-    """A PostgreSQL cluster of the test's own on a free port, to stop and start at will."""
-    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    if not binaries:
-        skip_or_fail(request, "PostgreSQL server binaries are not installed")
-    bin_dir = Path(binaries[-1])
-    # Not pytest's tmp_path: it is private to root, and the cluster may run as another user.
-    base = Path(tempfile.mkdtemp(prefix="chatapp-pg-"))
-    base.chmod(0o755)
-    run_as = []
-    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
-        shutil.chown(base, "postgres")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    data, port = base / "data", free_port()
-    subprocess.run([*run_as, bin_dir / "initdb", "-D", data, "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
-    options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
-
-    def pg_ctl(*args, check=True):
-        subprocess.run([*run_as, bin_dir / "pg_ctl", "-D", data, "-l", base / "log", "-w", "-t", "30", *args], check=check, capture_output=True)
-
-    class Cluster:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres?connect_timeout=2"
-        start = staticmethod(lambda: pg_ctl("-o", options, "start"))
-        stop = staticmethod(lambda: pg_ctl("-m", "fast", "stop"))
-
-    Cluster.start()
-    yield Cluster
-    pg_ctl("-m", "immediate", "stop", check=False)
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_database_down_then_back_without_a_restart(throwaway_postgres, agent_server, auth):

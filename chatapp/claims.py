@@ -1,0 +1,167 @@
+"""A turn's claims on its conversation and its idempotency key. They are leases of
+TURN_LEASE_SECONDS, renewed while their turns run; the claims that a failed turn could not give
+back (the database was the failure) are given back as soon as the database answers.
+
+So a worker that dies frees its claims once their lease lapses (seconds, not the agent's deadline
+plus a margin), and after a database outage the conversations and keys of the turns that failed
+during it are free within a moment of the database's return, instead of waiting out their hold.
+"""
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from flask import Flask
+
+from chatapp import queries
+from chatapp.extensions import db
+from chatapp.idempotency import KeyClaim, release_key
+from chatapp.models import utcnow
+
+log = logging.getLogger(__name__)
+
+# While releases are owed, the database is tried this often.
+RETRY_SECONDS = 0.25
+# A lease is renewed every quarter of it: three renewals may fail in a row (a blip) before another
+# process may take the claim over.
+RENEWALS_PER_LEASE = 4
+
+
+@dataclass(frozen=True)
+class ClaimedConversation:
+    """An existing conversation a turn holds until it stores or fails."""
+
+    id: uuid.UUID
+    message_count: int
+    token: uuid.UUID
+
+
+@dataclass(eq=False)  # each turn's own: compared, and hashed, by identity
+class TurnClaims:
+    """What one turn holds: its idempotency key and its conversation, once claimed."""
+
+    key: KeyClaim | None = None
+    conversation: ClaimedConversation | None = None
+
+
+class TurnLeases:
+    """This process's turn claims, renewed by one thread while there are any, and released again
+    by it when a release failed. One per app (app.extensions["turn_leases"])."""
+
+    def __init__(self, app: Flask, lease_seconds: float, clock=time.monotonic):
+        self.app = app
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._live: set[TurnClaims] = set()  # renewed
+        self._owed: list[TurnClaims] = []  # their release failed
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._warned_at = float("-inf")
+
+    def until(self):
+        """The end of a lease taken now."""
+        return utcnow() + timedelta(seconds=self.lease_seconds)
+
+    def hold(self, claims: TurnClaims) -> None:
+        """Renew these claims (as the turn adds to them) until let_go() or owe()."""
+        with self._lock:
+            self._live.add(claims)
+            self._start()
+
+    def let_go(self, claims: TurnClaims) -> None:
+        """The turn stored or released its claims: renew them no more."""
+        with self._lock:
+            self._live.discard(claims)
+
+    def owe(self, claims: TurnClaims) -> None:
+        """The turn failed and could not release its claims: release them as soon as the database answers."""
+        with self._lock:
+            self._live.discard(claims)
+            self._owed.append(claims)
+            self._start()
+        self._wake.set()
+
+    def owes(self) -> bool:
+        return bool(self._owed)
+
+    def pay_owed(self) -> None:
+        """Release what is owed, now, in the caller's app context (before a new turn starts)."""
+        with self._lock:
+            owed, self._owed = self._owed, []
+        failed = [claims for claims in owed if not self._release(claims)]
+        if failed:
+            with self._lock:
+                self._owed[:0] = failed
+
+    # The thread ---------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="chatapp-turn-leases", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        """Renew every quarter lease and retry owed releases often, until there is nothing left."""
+        renew_every = self.lease_seconds / RENEWALS_PER_LEASE
+        next_renewal = self._clock() + renew_every
+        while True:
+            with self._lock:
+                if not self._live and not self._owed:
+                    self._thread = None
+                    return
+                owing = bool(self._owed)
+            with self.app.app_context():
+                if owing:
+                    self.pay_owed()
+                if self._clock() >= next_renewal:
+                    self._renew()
+                    next_renewal = self._clock() + renew_every
+                db.session.remove()
+            self._wake.clear()
+            self._wake.wait(RETRY_SECONDS if self.owes() else max(0.0, next_renewal - self._clock()))
+
+    def _renew(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        if not live:
+            return
+        try:
+            queries.renew_claims(
+                [(claims.conversation.id, claims.conversation.token) for claims in live if claims.conversation],
+                [(claims.key.user_id, claims.key.key, claims.key.token) for claims in live if claims.key],
+                self.until())
+            db.session.commit()
+        except Exception as exc:  # the database is down: the next renewal may succeed in time
+            db.session.rollback()
+            self._warn(f"could not renew the leases of {len(live)} turns: {type(exc).__name__}")
+
+    def _release(self, claims: TurnClaims) -> bool:
+        try:
+            release(claims)
+            db.session.commit()
+            return True
+        except Exception as exc:
+            db.session.rollback()
+            self._warn(f"could not release the claims of a failed turn yet: {type(exc).__name__}")
+            return False
+
+    def _warn(self, message: str) -> None:
+        now = self._clock()
+        if now - self._warned_at >= self.lease_seconds:  # not every quarter of a second
+            self._warned_at = now
+            log.warning(message)
+
+
+def release(claims: TurnClaims) -> None:
+    """Give the conversation and the key back, where they are still this turn's (the caller commits)."""
+    if claims.conversation is not None:
+        queries.release_conversation(claims.conversation.id, claims.conversation.token)
+    if claims.key is not None:
+        release_key(claims.key)
+
+
+def register_turn_leases(app: Flask) -> None:
+    app.extensions["turn_leases"] = TurnLeases(app, app.config["TURN_LEASE_SECONDS"])
