@@ -13,7 +13,6 @@ server (a database of its own per run, created and dropped by run.py).
 """
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -39,7 +39,7 @@ def test_a_running_turn_keeps_its_conversation_past_its_lease(app, chat, agent_s
 
 
 def post_with_key(app, body, key):
-    return app.test_client().post(f"/api/alice/chat", json=body,
+    return app.test_client().post("/api/alice/chat", json=body,
                                   headers={**AuthActions().headers(), "Idempotency-Key": key})
 
 
