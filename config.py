@@ -51,6 +51,18 @@ def _env_float(name, default):
         raise ConfigError(f"{name} must be a number, got {value!r}") from None
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _env_bool(name, default):
+    value = _env(name)
+    if value is None:
+        return default
+    if value.lower() not in _TRUE + _FALSE:
+        raise ConfigError(f"{name} must be on or off, got {value!r}")
+    return value.lower() in _TRUE
+
+
 def _multiline(value):
     return value.replace("\\n", "\n") if value else value
 
@@ -123,6 +135,8 @@ class Config:
             "pool_timeout": self.DATABASE_POOL_TIMEOUT,
         }
         self.DATABASE_PING_AFTER_IDLE = _env_float("DATABASE_PING_AFTER_IDLE", 1.0)
+        # Off: safe through a transaction-pooling PgBouncer (chatapp/__init__.py's postgres_connect_args).
+        self.DATABASE_PREPARED_STATEMENTS = _env_bool("DATABASE_PREPARED_STATEMENTS", False)
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
 
         self.JWT_SECRET_KEY = _env("JWT_SECRET_KEY", self._default_secret())

@@ -49,16 +49,20 @@ def configure_database(app: Flask) -> None:
         for name in ("pool_size", "max_overflow", "pool_timeout"):
             options.pop(name, None)
     if url.get_driver_name() == "psycopg":
-        options["connect_args"] = {**postgres_connect_args(), **options.get("connect_args", {})}
+        connect_args = postgres_connect_args(app.config["DATABASE_PREPARED_STATEMENTS"])
+        options["connect_args"] = {**connect_args, **options.get("connect_args", {})}
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = options
 
 
-def postgres_connect_args() -> dict:
-    """No server-side prepared statements. psycopg 3 prepares a statement on the server after it
-    ran five times on a connection; behind a transaction-pooling PgBouncer (1.18, Debian 12's) the
-    next transaction may run on a server connection that never saw it: `prepared statement
-    "_pg3_0" does not exist`. Nothing may rely on session state between transactions."""
-    return {"prepare_threshold": None}
+def postgres_connect_args(prepared_statements: bool) -> dict:
+    """No server-side prepared statements, unless DATABASE_PREPARED_STATEMENTS is on. psycopg 3
+    prepares a statement on the server after it ran five times on a connection; behind a
+    transaction-pooling PgBouncer (1.18, Debian 12's) the next transaction may run on a server
+    connection that never saw it: `prepared statement "_pg3_0" does not exist`. Connected to
+    PostgreSQL itself (or to a PgBouncer that keeps prepared statements, 1.21 and later with
+    max_prepared_statements), they are safe, and make bench measured them 12-13% faster in S1 and S2
+    (bench/results/2026-12-02-prepared.md)."""
+    return {} if prepared_statements else {"prepare_threshold": None}
 
 
 def register_extensions(app: Flask) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 import config
 from chatapp.extensions import db
+from tests.conftest import through_a_pooler
 from tests.live_server import BIN, ROOT, free_port, procfile
 
 STRONG_SECRET = "s" * 32
@@ -187,6 +188,15 @@ SESSION_STATE = {
 }
 
 
+def session_state(app) -> dict:
+    """What the app's one pooled connection holds of each kind of session state."""
+    with app.app_context():
+        engine = db.engine
+        assert engine.pool.checkedin() == 1  # the one connection that served every request
+        with engine.connect() as connection:
+            return {kind: connection.exec_driver_sql(query).scalars().all() for kind, query in SESSION_STATE.items()}
+
+
 @pytest.mark.parametrize("config_overrides", [{"DATABASE_POOL_SIZE": 1, "DATABASE_MAX_OVERFLOW": 0}])
 def test_no_session_state_outlives_a_transaction(app, chat, client, auth, database_uri):
     """Every kind of request, each more than five times (psycopg prepares a statement on its
@@ -207,9 +217,18 @@ def test_no_session_state_outlives_a_transaction(app, chat, client, auth, databa
     doomed = chat.turn("to delete")["conversation_id"]
     assert client.delete(f"/api/alice/conversations/{doomed}", headers=headers).status_code == 204
 
-    with app.app_context():
-        engine = db.engine
-        assert engine.pool.checkedin() == 1  # the one connection that served every request
-        with engine.connect() as connection:
-            found = {kind: connection.exec_driver_sql(query).scalars().all() for kind, query in SESSION_STATE.items()}
-    assert found == {kind: [] for kind in SESSION_STATE}
+    assert session_state(app) == {kind: [] for kind in SESSION_STATE}
+
+
+@pytest.mark.parametrize("config_overrides", [{"DATABASE_POOL_SIZE": 1, "DATABASE_MAX_OVERFLOW": 0,
+                                               "DATABASE_PREPARED_STATEMENTS": True}])
+def test_prepared_statements_when_asked_for(app, chat, database_uri):
+    """DATABASE_PREPARED_STATEMENTS=on, for a direct connection: psycopg prepares the turn's statements."""
+    if not database_uri.startswith("postgresql"):
+        pytest.skip("SQLite has no server sessions")
+    if through_a_pooler():
+        pytest.skip("a transaction-pooling PgBouncer 1.18 keeps no prepared statements: off is the setting there")
+    conversation_id = chat.turn("first")["conversation_id"]
+    for n in range(7):
+        chat.turn(f"next {n}", conversation_id=conversation_id)
+    assert session_state(app)["prepared statements"]
