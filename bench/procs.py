@@ -1,53 +1,16 @@
-"""Child processes that die with the benchmark, loopback ports, /proc readings."""
-import ctypes
+"""/proc and ss readings of the benchmark's processes. Starting processes that die with the
+benchmark, loopback ports and gunicorn's workers come from tests/support/processes.py, which the
+tests and make e2e use too; the benchmark's modules import them from here."""
 import re
-import signal
-import socket
 import subprocess
+import sys
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the benchmark dies, even by SIGKILL (Linux only)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
-def popen(args, **kwargs) -> subprocess.Popen:
-    """subprocess.Popen, tied to this process's life."""
-    return subprocess.Popen(args, preexec_fn=_die_with_parent, **kwargs)
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    """The direct children of `pid` (gunicorn's workers, for its master)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    if found:
-        return sorted(set(found))
-    # Kernels without /proc/<pid>/task/<tid>/children: scan every process's parent.
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return sorted(found)
+from tests.support.processes import children, free_port, popen  # noqa: E402,F401
 
 
 def rss_mb(pid: int) -> float | None:

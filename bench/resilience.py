@@ -29,8 +29,8 @@ ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT))
 
 from service import Database, Service  # noqa: E402
-from tests.agent_server import AgentServer, Echo  # noqa: E402
-from tests.live_server import ThrowawayPostgres  # noqa: E402
+from tests.support.agent import AgentServer, Echo  # noqa: E402
+from tests.support.live_server import ThrowawayPostgres  # noqa: E402
 
 SLOW_CONNECTIONS = 200
 BLIP_CLIENTS = 16

@@ -1,9 +1,5 @@
 """The service under test, as the Procfile runs it: its own database, the release line, then gunicorn."""
-import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -11,14 +7,9 @@ from urllib.parse import urlsplit, urlunsplit
 import jwt
 import requests
 
-from procs import children, free_port, popen
+import procs  # noqa: F401  (puts the checkout on sys.path for tests.support)
+from tests.support.live_server import LiveServer
 
-BIN = Path(sys.executable).parent
-# The app's settings are ours to give: nothing of the caller's environment may leak into them.
-_APP_PREFIXES = ("JWT_", "AGENT_", "CHATAPP_", "DATABASE_", "SQLALCHEMY_", "CONTEXT_", "RATE_", "REDIS_",
-                 "IDEMPOTENCY_", "LOG_", "GUNICORN_")
-_APP_NAMES = {"WEB_CONCURRENCY", "PORT", "DEFAULT_MODEL", "ALLOWED_MODELS", "MAX_CONTENT_LENGTH",
-              "PROMETHEUS_MULTIPROC_DIR"}
 # The contract's per-user limit (60 turns a minute) would turn a load test into 429s: the benchmark
 # measures what a turn costs, the limiter included, with a limit that load never reaches.
 BENCH_RATE_LIMIT = "100000000 per minute"
@@ -83,72 +74,45 @@ class Database:
             return "PostgreSQL " + connection.execute("SHOW server_version").fetchone()[0]
 
 
-class Service:
-    """`flask --app wsgi db upgrade`, then `gunicorn wsgi:app --config gunicorn.conf.py` on loopback."""
+class Service(LiveServer):
+    """The Procfile's two lines for the benchmark: `flask --app wsgi db upgrade`, then gunicorn with
+    production settings on loopback (the tests' LiveServer), ready once every worker answers."""
 
     def __init__(self, app_dir: Path, workdir: Path, database_url: str, agent_url: str, *,
                  workers: int, threads: int, extra_env: dict[str, str]):
-        self.app_dir = app_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.workers = workers
-        self.threads = threads
-        self.log_path = workdir / "gunicorn.log"
         self.secret = secrets.token_urlsafe(48)
         (workdir / "metrics").mkdir(exist_ok=True)
-        keep = {key: value for key, value in os.environ.items()
-                if not key.startswith(_APP_PREFIXES) and key not in _APP_NAMES}
         self.app_env = {
             "CHATAPP_ENV": "production",
             "DATABASE_URL": database_url,
             "JWT_SECRET_KEY": self.secret,
             "AGENT_URL": agent_url,
-            "WEB_CONCURRENCY": str(workers),
-            "GUNICORN_THREADS": str(threads),
-            "PORT": str(self.port),
             "RATE_LIMIT": BENCH_RATE_LIMIT,
             # Where gunicorn.conf.py's Prometheus multiprocess files go: in the run's temp dir, removed with it.
             "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
             **extra_env,
         }
-        self.env = {**keep, **self.app_env}
-        self.process = None
+        super().__init__(self.app_env, workers=workers, threads=threads, app_dir=app_dir,
+                         log_path=workdir / "gunicorn.log")
 
     def migrate(self) -> None:
         """The Procfile's release line."""
-        done = subprocess.run(
-            [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
-            cwd=self.app_dir, env=self.env, capture_output=True, text=True, timeout=120,
-        )
+        done = self.run_release()
         if done.returncode != 0:
             raise RuntimeError(f"flask db upgrade failed:\n{done.stdout}\n{done.stderr}")
 
     def start(self) -> "Service":
-        """The Procfile's web line; --bind keeps it on loopback. Ready when every worker answers."""
-        log = open(self.log_path, "w")
-        self.process = popen(
-            [str(BIN / "gunicorn"), "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}"],
-            cwd=self.app_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        super().start(timeout=60)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited:\n{self.log_tail()}")
-            if len(self.worker_pids()) == self.workers and self._healthy():
-                # Every worker imports the app before its first request: give them a few requests each.
-                for _ in range(self.workers * 4):
-                    self._healthy()
-                return self
+        while len(self.worker_pids()) < self.workers or not self.ready():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"gunicorn's workers did not all start in 60 s:\n{self.log_tail()}")
             time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"gunicorn did not become ready in 60 s:\n{self.log_tail()}")
-
-    def _healthy(self) -> bool:
-        try:
-            return requests.get(self.url + "/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
+        # Every worker imports the app before its first request: give them a few requests each.
+        for _ in range(self.workers * 4):
+            self.ready()
+        return self
 
     def wait_idle(self, timeout: float = 15) -> bool:
         """Wait until no turn is in flight (the app's own gauge, summed over the workers): wrk drops
@@ -166,9 +130,6 @@ class Service:
             time.sleep(0.05)
         return False
 
-    def worker_pids(self) -> list[int]:
-        return children(self.process.pid) if self.process else []
-
     def token(self, user_id: str, lifetime: int = 6 * 3600) -> str:
         """A bearer token as `flask create-token` makes it: HS256 with sub, iat and exp."""
         now = int(time.time())
@@ -179,15 +140,3 @@ class Service:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None

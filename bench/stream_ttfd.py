@@ -3,8 +3,8 @@ first token, measured side by side (median of N each).
 
     .venv/bin/python bench/stream_ttfd.py [--runs 20] [--database-url sqlite:///...]
 
-It starts the loopback streaming test agent (tests/agent_server.py) and the service under gunicorn
-with production settings (tests/live_server.py), both on 127.0.0.1, and stops them at the end.
+It starts the loopback streaming test agent (tests/support/agent.py) and the service under gunicorn
+with production settings (tests/support/live_server.py), both on 127.0.0.1, and stops them at the end.
 """
 import argparse
 import statistics
@@ -19,8 +19,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.agent_server import AgentServer, StreamEcho  # noqa: E402
-from tests.live_server import LiveServer  # noqa: E402
+from tests.support.agent import AgentServer, StreamEcho  # noqa: E402
+from tests.support.live_server import LiveServer  # noqa: E402
 
 SECRET = "bench-secret-" + "x" * 48
 

@@ -1,6 +1,6 @@
 """make e2e: the service as production runs it, tested from the outside by newman and schemathesis.
 
-1. the loopback echo agent (tests/agent_server.py) and a temporary folder (for the SQLite file,
+1. the loopback echo agent of the tests (tests/support/agent.py, in this process) and a temporary folder (for the SQLite file,
    unless E2E_DATABASE_URL names a PostgreSQL database to use: CI's goes through PgBouncer);
 2. the Procfile, as a platform runs it, through honcho: `release` (the migrations) to its end,
    then `web` (gunicorn with gunicorn.conf.py), with PORT and production settings (CHATAPP_ENV
@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -33,7 +32,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.live_server import ProcfileServer  # noqa: E402  (the Procfile, run by honcho)
+from tests.support.agent import AgentServer  # noqa: E402  (the scripted agent of the tests, echoing)
+from tests.support.live_server import ProcfileServer  # noqa: E402  (the Procfile, run by honcho)
 
 BIN = Path(sys.executable).parent
 NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
@@ -60,7 +60,6 @@ SEED = 20261125
 KEPT_CONVERSATIONS = 5
 DOOMED_CONVERSATIONS = 5
 # Time limits, in seconds. The whole run takes about a minute on two cores.
-AGENT_START_TIMEOUT = 15
 NEWMAN_TIMEOUT = 120
 SCHEMATHESIS_TIMEOUT = 300
 REQUEST_TIMEOUT = 15
@@ -79,35 +78,6 @@ def make_token(secret: str, user_id: str, lifetime: int = 3600) -> str:
     """An HS256 access token as an identity provider would issue it: sub, iat, exp."""
     now = int(time.time())
     return jwt.encode({"sub": user_id, "iat": now, "exp": now + lifetime}, secret, algorithm="HS256")
-
-
-class EchoAgent:
-    """`python tests/agent_server.py` in a subprocess: it prints its URL, then serves until SIGTERM."""
-
-    def __init__(self):
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "agent_server.py")],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        first_line: list[str] = []
-        reader = threading.Thread(target=lambda: first_line.append(self.process.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(AGENT_START_TIMEOUT)
-        url = first_line[0].strip() if first_line else ""
-        if not re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", url):
-            self.stop()
-            raise RuntimeError(f"the test agent did not start (it said {url!r})")
-        self.url = url
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process.stdout.close()
 
 
 def start_conversations(base_url: str, token: str, user_id: str, count: int) -> list[str]:
@@ -322,7 +292,7 @@ def main() -> int:
     agent = server = newman = fuzz = None
     logged_errors: list[str] = []
     try:
-        agent = EchoAgent()
+        agent = AgentServer().start()
         log(f"test agent at {agent.url}")
         database_url = os.environ.get("E2E_DATABASE_URL") or f"sqlite:///{workdir}/e2e.db"
         server = ProcfileServer(

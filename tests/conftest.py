@@ -16,8 +16,8 @@ from chatapp.agent_client import OpenAIChatAgent
 from chatapp.extensions import db as _db
 from chatapp.models import Conversation, Message
 from config import TestingConfig, database_url
-from tests.agent_server import AgentServer
-from tests.live_server import ThrowawayPostgres
+from tests.support.agent import AgentServer
+from tests.support.live_server import ThrowawayPostgres
 
 TEST_SECRET = "test-secret-long-enough-for-every-hmac-algorithm-0123456789abcdef"
 DATABASES = ["sqlite", "postgresql"]

@@ -8,7 +8,7 @@ import pytest
 
 from chatapp.agent_client import AgentReply, EchoAgent, OpenAIChatAgent, build_agent
 from chatapp.errors import AgentUnavailable
-from tests.agent_server import USAGE, AgentServer, Close, Drip, Echo, Hang, Raw, Reply, closed_port_url, completion
+from tests.support.agent import USAGE, AgentServer, Close, Drip, Echo, Hang, Raw, Reply, closed_port_url, completion
 
 API_KEY = "sk-test-secret-key-0123456789"
 DEADLINE = 1.0  # the agents of make_agent (conftest) get this AGENT_DEADLINE

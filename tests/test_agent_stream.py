@@ -7,7 +7,7 @@ import pytest
 
 from chatapp.agent_client import AgentStream, EchoAgent, build_agent
 from chatapp.errors import AgentUnavailable
-from tests.agent_server import (
+from tests.support.agent import (
     USAGE, AgentServer, Close, DripStream, Echo, Hang, Raw, Stream, StreamEcho, closed_port_url, completion_chunk, sse,
     usage_chunk,
 )

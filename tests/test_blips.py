@@ -11,9 +11,10 @@ import pytest
 import requests
 
 from chatapp.extensions import db
-from tests.agent_server import Echo, Hang
+from tests.support.agent import Echo, Hang
 from tests.conftest import TEST_SECRET, AuthActions, make_app
-from tests.live_server import LiveServer
+from tests.support.live_server import LiveServer
+from tests.support.processes import children
 
 LEASE = 1.0
 
@@ -43,20 +44,6 @@ def post_with_key(app, body, key):
                                   headers={**AuthActions().headers(), "Idempotency-Key": key})
 
 
-def worker_pids(master_pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == master_pid:
-                children.append(int(entry))
-    return children
-
-
 def test_a_worker_killed_mid_turn_frees_its_conversation_and_key_within_the_lease(tmp_path, agent_server):
     server = LiveServer({"DATABASE_URL": f"sqlite:///{tmp_path}/lease.db", "JWT_SECRET_KEY": TEST_SECRET,
                          "AGENT_URL": agent_server.url, "TURN_LEASE_SECONDS": "2"}, workers=1, threads=4)
@@ -72,7 +59,7 @@ def test_a_worker_killed_mid_turn_frees_its_conversation_and_key_within_the_leas
         with ThreadPoolExecutor(1) as pool:
             doomed = pool.submit(requests.post, f"{server.url}/api/alice/chat", json=body, headers=headers, timeout=30)
             assert seen.wait(10)
-            [worker] = worker_pids(server.process.pid)
+            [worker] = children(server.process.pid)
             os.kill(worker, signal.SIGKILL)
             killed_at = time.monotonic()
             with pytest.raises(requests.ConnectionError):

@@ -7,19 +7,9 @@ import psycopg
 import pytest
 
 from chatapp.extensions import db
-from tests.agent_server import Reply
+from tests.support.agent import Reply
 from tests.conftest import Chat, through_a_pooler
-
-
-def assert_error(response, status, code):
-    """A contract error: JSON, the status, the code, the request id of the header in the body."""
-    assert response.status_code == status, response.data
-    assert response.mimetype == "application/json"
-    body = response.get_json()
-    assert body["code"] == code
-    assert isinstance(body["detail"], str) and body["detail"]
-    assert body["request_id"] == response.headers["X-Request-ID"]
-    return body
+from tests.support.assertions import assert_error
 
 
 def test_new_conversation(chat, agent_server, store):

@@ -8,9 +8,9 @@ import time
 import jwt as pyjwt
 import pytest
 
-from tests.agent_server import Raw
+from tests.support.agent import Raw
 from tests.conftest import TEST_SECRET, make_app
-from tests.test_chat_api import assert_error
+from tests.support.assertions import assert_error
 
 UNKNOWN_ID = "5b0b6c1e-2f4e-4a53-9d1a-8f0c3c1f2b7e"
 
@@ -310,7 +310,7 @@ def test_agent_failure_on_an_existing_conversation_stores_nothing(chat, agent_se
 @pytest.mark.parametrize("config_overrides", [{"AGENT_URL": None}])
 def test_agent_refusing_connections(app, chat, store, config_overrides):
     from chatapp.agent_client import OpenAIChatAgent
-    from tests.agent_server import closed_port_url
+    from tests.support.agent import closed_port_url
 
     app.extensions["chat_agent"] = OpenAIChatAgent(closed_port_url(), connect_timeout=0.2, timeout=0.5, max_retries=1)
     assert_error(chat.post({"message": "hi"}), 503, "agent_unavailable")

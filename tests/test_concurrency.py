@@ -10,9 +10,9 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from tests.agent_server import Echo
+from tests.support.agent import Echo
 from tests.conftest import TEST_SECRET, AuthActions
-from tests.live_server import LiveServer
+from tests.support.live_server import LiveServer
 
 
 @pytest.fixture

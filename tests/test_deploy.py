@@ -13,7 +13,8 @@ import pytest
 import config
 from chatapp.extensions import db
 from tests.conftest import through_a_pooler
-from tests.live_server import BIN, ROOT, free_port, procfile
+from tests.support.live_server import BIN, ROOT, procfile
+from tests.support.processes import free_port
 
 STRONG_SECRET = "s" * 32
 # What production needs, and nothing of the caller's environment.

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.conftest import TEST_SECRET
-from tests.live_server import ROOT, LiveServer, raw_request
+from tests.support.live_server import ROOT, LiveServer, raw_request
 
 
 def load_gunicorn_conf(monkeypatch, tmp_path, **env):

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from chatapp.extensions import db
 from chatapp.models import IdempotencyKey, Message
-from tests.test_chat_api import assert_error
+from tests.support.assertions import assert_error
 
 
 @pytest.fixture

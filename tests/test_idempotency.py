@@ -7,9 +7,9 @@ from sqlalchemy import select
 
 from chatapp.extensions import db
 from chatapp.models import Conversation, IdempotencyKey, utcnow
-from tests.agent_server import Raw
+from tests.support.agent import Raw
 from tests.conftest import Chat
-from tests.test_chat_api import assert_error
+from tests.support.assertions import assert_error
 
 
 def stored_keys(store):

@@ -12,9 +12,11 @@ from contextlib import ExitStack
 import pytest
 import requests
 
-from tests.agent_server import Stream
+from tests.support.agent import Stream
 from tests.conftest import TEST_SECRET, AuthActions, skip_or_fail
-from tests.live_server import ROOT, LiveServer, free_port
+from tests.support.assertions import assert_error
+from tests.support.live_server import ROOT, LiveServer
+from tests.support.processes import free_port
 
 MAIN_CONFIG = """\
 daemon off;
@@ -75,14 +77,6 @@ def proxied(request, tmp_path, agent_server):
             nginx.wait(timeout=10)
 
 
-def assert_json_error(response, status, code):
-    assert response.status_code == status
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.json()
-    assert body["code"] == code and body["detail"]
-    assert body["request_id"] == response.headers["X-Request-ID"]
-
-
 def test_slow_clients_stop_at_nginx(proxied):
     url, port, _server = proxied
     with ExitStack() as stack:
@@ -103,7 +97,7 @@ def test_request_ids_pass_through(proxied):
     mine = requests.get(url + "/healthz", headers={"X-Request-ID": "trace-through-nginx"}, timeout=5)
     assert mine.headers["X-Request-ID"] == "trace-through-nginx"
     made = requests.get(url + "/nowhere", timeout=5)
-    assert_json_error(made, 404, "not_found")  # the service's own error, untouched
+    assert_error(made, 404, "not_found")  # the service's own error, untouched
     assert len(made.headers["X-Request-ID"]) == 32  # nginx's id, which the service took
 
 
@@ -128,11 +122,11 @@ def test_nginx_errors_are_json(proxied):
     url, _port, server = proxied
     too_big = requests.post(f"{url}/api/alice/chat", data=b"x" * 300_000,
                             headers={"Content-Type": "application/json", "X-Request-ID": "big-one"}, timeout=10)
-    assert_json_error(too_big, 413, "payload_too_large")
+    assert_error(too_big, 413, "payload_too_large")
     assert too_big.headers["X-Request-ID"] == "big-one"
-    assert_json_error(requests.get(url + "/" + "a" * 9000, timeout=10), 414, "payload_too_large")
-    assert_json_error(requests.get(url + "/healthz", headers={"X-Big": "b" * 9000}, timeout=10), 431, "payload_too_large")
+    assert_error(requests.get(url + "/" + "a" * 9000, timeout=10), 414, "payload_too_large")
+    assert_error(requests.get(url + "/healthz", headers={"X-Big": "b" * 9000}, timeout=10), 431, "payload_too_large")
     server.stop()  # the service is gone: nginx's 502 comes as the service's 503
     gone = requests.get(url + "/healthz", timeout=10)
-    assert_json_error(gone, 503, "service_unavailable")
+    assert_error(gone, 503, "service_unavailable")
     assert gone.headers["Retry-After"] == "1"

@@ -2,7 +2,6 @@
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +12,9 @@ from limits import parse
 from chatapp.extensions import db
 from chatapp.log_config import JsonFormatter, LineWriter
 from chatapp.rate_limit import ProcessWindow
-from tests.agent_server import Hang, Raw
+from tests.support.agent import Hang, Raw
 from tests.conftest import Chat, make_app
-from tests.test_chat_api import assert_error
+from tests.support.assertions import assert_error, metric
 
 
 @pytest.mark.parametrize("config_overrides", [{"RATE_LIMIT": "3 per minute"}])
@@ -160,16 +159,6 @@ def test_errors_are_logged_with_their_code(client, caplog):
     assert (line["request_id"], line["status"], line["error"], line["path"]) == ("lost", 404, "not_found", "/nowhere")
 
 
-def metric(text, name, **labels):
-    """The value of one sample of the Prometheus text exposition (0 when absent)."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    for line in text.splitlines():
-        match = re.fullmatch(rf"{name}(?:{{(.*)}})? (\S+)", line)
-        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
-            return float(match.group(2))
-    return 0.0
-
-
 def test_metrics(app, client, chat, agent_server):
     route = "/api/<user_id>/chat"
     before = client.get("/metrics").get_data(as_text=True)
@@ -281,7 +270,7 @@ def own_redis(request, tmp_path):
     import subprocess
 
     from tests.conftest import skip_or_fail
-    from tests.live_server import free_port
+    from tests.support.processes import free_port
 
     binary = shutil.which("redis-server")
     if binary is None:

@@ -11,11 +11,11 @@ import pytest
 import requests
 
 from chatapp.extensions import db
-from tests.agent_server import Echo
+from tests.support.agent import Echo
 from tests.conftest import TEST_SECRET, AuthActions, Chat, make_app
-from tests.live_server import LiveServer
-from tests.test_chat_api import assert_error
-from tests.test_production import metric
+from tests.support.live_server import LiveServer
+from tests.support.assertions import assert_error
+from tests.support.assertions import metric
 
 
 @pytest.fixture

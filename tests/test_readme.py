@@ -8,7 +8,8 @@ import time
 import pytest
 import requests
 
-from tests.live_server import BIN, ROOT, free_port
+from tests.support.live_server import BIN, ROOT
+from tests.support.processes import free_port
 
 START = "<!-- the README test runs every sh block from here to the end marker, in one shell -->"
 END = "<!-- end of the sh blocks the README test runs -->"

@@ -9,9 +9,9 @@ from contextlib import ExitStack
 import pytest
 import requests
 
-from tests.agent_server import AgentServer
+from tests.support.agent import AgentServer
 from tests.conftest import TEST_SECRET, AuthActions
-from tests.live_server import LiveServer, raw_request
+from tests.support.live_server import LiveServer, raw_request
 
 READ_TIMEOUT = 1.5
 

@@ -6,9 +6,9 @@ import time
 import pytest
 import requests
 
-from tests.agent_server import Raw, Stream, StreamEcho
+from tests.support.agent import Raw, Stream, StreamEcho
 from tests.conftest import TEST_SECRET, AuthActions
-from tests.live_server import LiveServer
+from tests.support.live_server import LiveServer
 
 AGENT_TIMEOUT = 1.0
 

@@ -423,16 +423,3 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/v1"
-
-
-if __name__ == "__main__":
-    # `python tests/agent_server.py`: the default echo agent on a free loopback port (make e2e).
-    # Prints its URL on the first line of stdout, then serves until SIGTERM or SIGINT.
-    import signal
-
-    stop_requested = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_args: stop_requested.set())
-    with AgentServer() as echo_agent:
-        print(echo_agent.url, flush=True)
-        stop_requested.wait()

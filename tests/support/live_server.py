@@ -2,7 +2,6 @@
 import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,9 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.processes import children, free_port, popen, stop
+
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -51,26 +52,32 @@ def raw_request(port: int, head: bytes, body_parts=(), read_timeout: float = 10.
         return int(lines[0].split()[1]), headers, body
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The app's settings are the caller's to give: none of the environment's may leak into the server.
+APP_PREFIXES = ("JWT_", "AGENT_", "CHATAPP_", "DATABASE_", "SQLALCHEMY_", "CONTEXT_", "RATE_", "REDIS_",
+                "IDEMPOTENCY_", "LOG_", "GUNICORN_", "TURN_", "REQUEST_", "METRICS_", "STREAM_", "TOKEN_")
+APP_NAMES = {"WEB_CONCURRENCY", "PORT", "DEFAULT_MODEL", "ALLOWED_MODELS", "MAX_CONTENT_LENGTH",
+             "PROMETHEUS_MULTIPROC_DIR", "RETENTION_DAYS"}
 
 
 class LiveServer:
-    """`gunicorn wsgi:app --config gunicorn.conf.py` in a subprocess, bound to 127.0.0.1 only."""
+    """`gunicorn wsgi:app --config gunicorn.conf.py` of a checkout (this one by default) in a
+    subprocess that dies with this one, bound to 127.0.0.1 only, with `env` as its settings."""
 
-    def __init__(self, env: dict, workers: int = 1, threads: int = 8, extra_args: tuple = ()):
+    def __init__(self, env: dict, workers: int = 1, threads: int = 8, extra_args: tuple = (),
+                 app_dir: Path = ROOT, log_path: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.app_dir = app_dir
+        self.workers = workers
         self.env = {
-            **{key: value for key, value in os.environ.items() if not key.startswith(("JWT_", "AGENT_", "CHATAPP_"))},
+            **{key: value for key, value in os.environ.items() if not key.startswith(APP_PREFIXES) and key not in APP_NAMES},
             "PORT": str(self.port),
             "WEB_CONCURRENCY": str(workers),
             "GUNICORN_THREADS": str(threads),
             **env,
         }
         self.extra_args = list(extra_args)
+        self.log_path = log_path
         self.process = None
         self.log = None
         self.output = ""  # what gunicorn printed, once stopped
@@ -79,40 +86,43 @@ class LiveServer:
         """The Procfile's release line: `flask --app wsgi db upgrade`."""
         return subprocess.run(
             [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
-            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60,
+            cwd=self.app_dir, env=self.env, capture_output=True, text=True, timeout=120,
         )
 
     def command(self) -> list[str]:
         # --bind overrides the config's 0.0.0.0 so that the test listens on loopback only.
         return [str(BIN / "gunicorn"), "wsgi:app", "--config", "gunicorn.conf.py", "--bind", f"127.0.0.1:{self.port}", *self.extra_args]
 
-    def start(self) -> "LiveServer":
+    def start(self, timeout: float = 30) -> "LiveServer":
+        """Start it; ready once /healthz answers."""
         # A file, not a pipe: a pipe nobody reads fills up and blocks the server's logging.
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 30
+        self.log = open(self.log_path, "w+") if self.log_path else tempfile.TemporaryFile(mode="w+")
+        self.process = popen(self.command(), cwd=self.app_dir, env=self.env, stdout=self.log,
+                             stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited: {self.stop()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:  # not listening yet, or the worker still booting
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("gunicorn did not become ready in 30 s")
+            if self.ready():
+                return self
+            time.sleep(0.1)
+        output = self.stop()
+        raise RuntimeError(f"gunicorn did not become ready in {timeout:.0f} s: {output[-3000:]}")
+
+    def ready(self) -> bool:
+        try:
+            return requests.get(self.url + "/healthz", timeout=5).status_code == 200
+        except requests.RequestException:  # not listening yet, or the worker still booting
+            return False
+
+    def worker_pids(self) -> list[int]:
+        return children(self.process.pid) if self.process else []
 
     def stop(self) -> str:
         """Stop gunicorn (SIGTERM: a graceful shutdown); its output."""
         if self.process is None:
             return ""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process, timeout=60)
         self.log.seek(0)
         self.output = self.log.read()
         self.log.close()
