@@ -6,10 +6,15 @@ from flask import Flask
 from flask_cors import CORS
 from sqlalchemy.engine import make_url
 
-from chatapp import agent_client, claims, cli, errors, log_config, metrics, rate_limit, request_ids
+from chatapp import cli, errors, log_config, metrics, rate_limit, request_ids
+from chatapp.agent import build_agent
 from chatapp.auth import register_auth
+from chatapp.chat_service import ChatService
+from chatapp.claims import TurnLeases
+from chatapp.context import ContextPolicy
 from chatapp.extensions import db, jwt, ping_idle_connections
 from chatapp.routes import chat, conversations, docs, health
+from chatapp.schemas import render_chat_response
 from config import Config, config_from_env
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
@@ -30,10 +35,10 @@ def create_app(config: Config | None = None) -> Flask:
     log_config.register_request_log(app)
     metrics.register_metrics(app)
     register_extensions(app)
-    errors.register_error_handlers(app)
+    errors.register_error_handlers(app, request_id=request_ids.current_request_id, note=log_config.note)
     register_blueprints(app)
     cli.register_commands(app)
-    register_agent(app)
+    register_chat_service(app)
     return app
 
 
@@ -72,7 +77,6 @@ def register_extensions(app: Flask) -> None:
         register_migrations(app)
     register_auth(app, jwt)
     rate_limit.register_rate_limit(app)
-    claims.register_turn_leases(app)
     if app.config["CORS_ORIGINS"]:
         CORS(
             app,
@@ -96,9 +100,20 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(chat.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(docs.bp)
 
 
-def register_agent(app: Flask) -> None:
-    """One agent client per app, kept on it so that tests can swap it."""
-    app.extensions["chat_agent"] = agent_client.build_agent(app.config)
+def register_chat_service(app: Flask) -> None:
+    """One ChatService per app, with its settings and its agent, kept on the app (tests swap its agent)."""
+    config = app.config
+    with app.app_context():
+        engine = db.engine
+    app.extensions["chat_service"] = ChatService(
+        sessions=db.session,
+        agent=build_agent(config),
+        policy=ContextPolicy(config["AGENT_SYSTEM_PROMPT"], config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"]),
+        leases=TurnLeases(engine, config["TURN_LEASE_SECONDS"]),
+        render=render_chat_response,
+        idempotency_ttl=config["IDEMPOTENCY_TTL"],
+    )

@@ -8,7 +8,8 @@ from flask_jwt_extended import decode_token
 from flask_jwt_extended.exceptions import JWTExtendedException
 from jwt import ExpiredSignatureError, PyJWTError
 
-from chatapp.errors import AuthenticationRequired, Forbidden, InvalidToken, TokenExpired, error_response
+from chatapp.errors import ApiError, AuthenticationRequired, Forbidden, InvalidToken, TokenExpired, error_response
+from chatapp.request_ids import current_request_id
 
 
 def bearer_token() -> str:
@@ -97,10 +98,14 @@ def register_auth(app: Flask, jwt) -> None:
 
 def register_jwt_loaders(jwt) -> None:
     """flask-jwt-extended's own failure answers (422 {"msg"}) replaced by the contract's 401s."""
-    jwt.unauthorized_loader(lambda _reason: error_response(AuthenticationRequired()))
-    jwt.invalid_token_loader(lambda _reason: error_response(InvalidToken()))
-    jwt.expired_token_loader(lambda _header, _payload: error_response(TokenExpired()))
-    jwt.token_verification_failed_loader(lambda _header, _payload: error_response(InvalidToken()))
-    jwt.user_lookup_error_loader(lambda _header, _payload: error_response(InvalidToken()))
-    jwt.revoked_token_loader(lambda _header, _payload: error_response(InvalidToken()))
-    jwt.needs_fresh_token_loader(lambda _header, _payload: error_response(InvalidToken()))
+
+    def answer(error: ApiError):
+        return error_response(error, current_request_id())
+
+    jwt.unauthorized_loader(lambda _reason: answer(AuthenticationRequired()))
+    jwt.invalid_token_loader(lambda _reason: answer(InvalidToken()))
+    jwt.expired_token_loader(lambda _header, _payload: answer(TokenExpired()))
+    jwt.token_verification_failed_loader(lambda _header, _payload: answer(InvalidToken()))
+    jwt.user_lookup_error_loader(lambda _header, _payload: answer(InvalidToken()))
+    jwt.revoked_token_loader(lambda _header, _payload: answer(InvalidToken()))
+    jwt.needs_fresh_token_loader(lambda _header, _payload: answer(InvalidToken()))

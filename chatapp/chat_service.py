@@ -1,28 +1,36 @@
-"""Steps 3 and 4 of a chat turn, behind the idempotency key: resolve and claim the conversation,
-call the agent, store the turn atomically."""
+"""A chat turn behind its idempotency key: claim the conversation (step 3), call the agent and store
+the turn in one transaction (step 4). ChatService is built once per app with its settings; it
+imports no Flask, so that tests drive it directly with a session factory and an agent of theirs."""
+import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import datetime
 
-from flask import current_app
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, scoped_session
 
 from chatapp import idempotency, metrics, queries
-from chatapp.agent_client import AgentReply, AgentRunner
-from chatapp.claims import ClaimedConversation, TurnClaims, release
-from chatapp.errors import AgentUnavailable, ConversationBusy, ConversationNotFound
-from chatapp.extensions import db
-from chatapp.models import TITLE_LENGTH, utcnow
+from chatapp.agent import AgentReply, AgentRunner, FailureKind, ReplyStream
+from chatapp.claims import TurnClaims, TurnLeases, claim_conversation, release
+from chatapp.context import ContextPolicy
+from chatapp.errors import AgentUnavailable, ConversationBusy
+from chatapp.models import utcnow
+from chatapp.schemas import ChatRequest
+from chatapp.values import conversation_title
 
 log = logging.getLogger(__name__)
 
 
+def _no_note(**_fields) -> None:
+    """Where log fields go when nobody wants them."""
+
+
 @dataclass(frozen=True)
-class ChatTurn:
-    """The stored result of one turn, as ChatResponseSchema dumps it."""
+class Answer:
+    """The assistant's stored answer to a turn, as ChatResponseSchema dumps it."""
 
     conversation_id: str
     message_id: str
@@ -34,225 +42,193 @@ class ChatTurn:
 
 
 @dataclass(frozen=True)
-class TurnResult:
-    """The response body of a turn, whether it replays an earlier run, and what the log needs."""
+class TurnResponse:
+    """The ChatResponse body a turn answers with (stored with its key, so a retry gets the same
+    bytes), and whether it is the replay of an earlier run of the key."""
 
     body: str
     replayed: bool
     conversation_id: str | None = None
-    agent_ms: float | None = None
-    agent_attempts: int | None = None
 
-
-def parse_conversation_id(value: str) -> uuid.UUID:
-    """The UUID a client sent; anything malformed is just a conversation that does not exist."""
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        raise ConversationNotFound() from None
-    if str(parsed) != value.lower():  # refuse the braced, URN and bare-hex spellings
-        raise ConversationNotFound()
-    return parsed
-
-
-def claim_conversation(user_id: str, conversation_id: str | None, hold_seconds: float) -> ClaimedConversation | None:
-    """Step 3: hold the user's conversation for this turn, a lease of `hold_seconds` (None: a new
-    one); 404, or 409 while another turn holds it."""
-    if conversation_id is None:
-        return None
-    parsed_id = parse_conversation_id(conversation_id)
-    now, token = utcnow(), uuid.uuid4()
-    message_count = queries.claim_conversation(user_id, parsed_id, token, now, now + timedelta(seconds=hold_seconds))
-    if message_count is None:
-        raise ConversationBusy() if queries.conversation_exists(user_id, parsed_id) else ConversationNotFound()
-    return ClaimedConversation(parsed_id, message_count, token)
-
-
-def build_context(history: list[tuple[str, str]], user_message: str) -> list[dict]:
-    """What the agent sees: the optional system prompt, the kept history, the new message."""
-    system_prompt = current_app.config["AGENT_SYSTEM_PROMPT"]
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages += [{"role": role, "content": content} for role, content in history]
-    messages.append({"role": "user", "content": user_message})
-    return messages
-
-
-def conversation_title(first_message: str) -> str:
-    """The start of the first user message, on one line."""
-    return " ".join(first_message.split())[:TITLE_LENGTH]
+    @property
+    def message(self) -> str:
+        """The assistant's message (a replayed stream sends it as one delta)."""
+        return json.loads(self.body)["message"]
 
 
 @dataclass(frozen=True)
-class PendingTurn:
-    """A turn between its claims and its commit: what storing (or abandoning) it needs."""
+class Turn:
+    """A turn between its claims and its commit."""
 
     user_id: str
-    chat_request: dict
+    request: ChatRequest
     claims: TurnClaims
-    asked_at: datetime
-    render: Callable[[ChatTurn], str]
-
-    @property
-    def conversation(self) -> ClaimedConversation | None:
-        return self.claims.conversation
-
-    @property
-    def key_claim(self) -> idempotency.KeyClaim | None:
-        return self.claims.key
+    asked_at: datetime = field(default_factory=utcnow)
 
 
-def send_message(
-    user_id: str,
-    chat_request: dict,
-    agent: AgentRunner,
-    render: Callable[[ChatTurn], str],
-    request_id: str | None = None,
-) -> "TurnResult | TurnStream":
-    """The idempotency key, then steps 3 and 4. `render` turns the turn into the response body,
-    which is stored with the key so that a retry gets the same bytes. A streamed turn comes back
-    as a TurnStream once the agent's first piece has arrived; it stores the turn when it ends."""
-    stream = chat_request["stream"]
-    leases = current_app.extensions["turn_leases"]
-    if leases.owes():  # a failed turn's claims, not released yet: their conversation may be this one
-        leases.pay_owed()
-    claims = TurnClaims()
-    if chat_request["idempotency_key"]:
-        fingerprint = idempotency.request_fingerprint(
-            chat_request["message"], chat_request["conversation_id"], chat_request["model"]
-        )
-        outcome = idempotency.claim_key(
-            user_id,
-            chat_request["idempotency_key"],
-            fingerprint,
-            hold_seconds=leases.lease_seconds,
-            ttl_seconds=current_app.config["IDEMPOTENCY_TTL"],
-        )
-        if isinstance(outcome, idempotency.Replay):
-            return TurnResult(outcome.body, replayed=True)
-        claims.key = outcome
-        leases.hold(claims)
+class AgentTiming:
+    """One turn's agent call, timed from its start: its outcome goes to the metrics and, with its
+    milliseconds and attempts, to the request's log line, once."""
 
-    try:
-        claims.conversation = claim_conversation(user_id, chat_request["conversation_id"], leases.lease_seconds)
-        if claims.conversation is not None:
-            leases.hold(claims)
-        turn = PendingTurn(user_id, chat_request, claims, utcnow(), render)
-        context = read_context(turn)
-        if stream:
-            return TurnStream.start(turn, agent, context, request_id)
-        reply, agent_ms = call_agent(agent, context, chat_request["model"], request_id)
-        return store_turn(turn, reply, agent_ms)
-    except BaseException:
-        release_claims(claims)
-        raise
+    def __init__(self, note: Callable[..., None]):
+        self._note = note
+        self._started = time.perf_counter()
+        self._ended = False
+
+    def ended(self, kind: str | None, attempts: int | None) -> None:
+        """The call answered (kind None), or failed as `kind` (a FailureKind, http_<status> for a status)."""
+        if self._ended:
+            return
+        self._ended = True
+        seconds = time.perf_counter() - self._started
+        metrics.observe_agent_call(seconds, kind)
+        self._note(agent_ms=round(seconds * 1000, 1), agent_attempts=attempts)
+
+    def failed(self, error: BaseException) -> None:
+        if isinstance(error, AgentUnavailable):
+            self.ended(error.kind, error.attempts)
 
 
-def read_context(turn: PendingTurn) -> list[dict]:
-    """Step 4's input: the kept history and the new message. Commits the claim and ends the
-    transaction, so that a slow agent holds no pooled connection."""
-    config = current_app.config
-    history = []
-    if turn.conversation is not None:
-        history = queries.recent_history(turn.conversation.id, config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"])
-    db.session.commit()
-    return build_context(history, turn.chat_request["message"])
+class ChatService:
+    """Steps 3 and 4 of every chat turn, with the app's settings."""
 
+    def __init__(self, *, sessions: scoped_session, agent: AgentRunner, policy: ContextPolicy, leases: TurnLeases,
+                 render: Callable[[Answer], str], idempotency_ttl: int):
+        self.sessions = sessions  # the request's session (db.session) in the app
+        self.agent = agent
+        self.policy = policy
+        self.leases = leases
+        self.render = render
+        self.idempotency_ttl = idempotency_ttl
 
-def elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)
+    def send(self, user_id: str, request: ChatRequest, *, request_id: str | None = None,
+             note: Callable[..., None] = _no_note) -> "TurnResponse | TurnStream":
+        """The turn of `request`: its idempotency key (a replay answers at once), its conversation,
+        the agent, the turn stored. A streamed turn comes back as a TurnStream once the agent's
+        first piece has arrived; it stores the turn when it ends. `note` takes the log line's fields."""
+        if self.leases.owes():  # a failed turn's claims, not released yet: their conversation may be this one
+            self.leases.pay_owed()
+        session = self.sessions()
+        claims = TurnClaims()
+        if request.idempotency_key:
+            fingerprint = idempotency.request_fingerprint(request.message, request.conversation_id, request.model)
+            outcome = idempotency.claim_key(session, user_id, request.idempotency_key, fingerprint,
+                                            hold_seconds=self.leases.lease_seconds, ttl_seconds=self.idempotency_ttl)
+            if isinstance(outcome, idempotency.Replay):
+                return TurnResponse(outcome.body, replayed=True)
+            claims.key = outcome
+            self.leases.hold(claims)
+        try:
+            if request.conversation_id is not None:
+                claims.conversation = claim_conversation(session, user_id, request.conversation_id, self.leases.lease_seconds)
+                self.leases.hold(claims)
+            turn = Turn(user_id, request, claims)
+            context = self._context(session, turn)
+            if request.stream:
+                return TurnStream.start(self, turn, context, request_id, note)
+            timing = AgentTiming(note)
+            try:
+                reply = self.agent.run(context, request.model, request_id=request_id)
+            except BaseException as error:
+                timing.failed(error)
+                raise
+            timing.ended(None, reply.attempts)
+            return self.store(turn, reply)
+        except BaseException:
+            self.release(claims)
+            raise
 
+    def _context(self, session: Session, turn: Turn) -> list[dict]:
+        """Step 4's input: the kept history and the new message. Commits the claim and ends the
+        transaction, so that a slow agent holds no pooled connection."""
+        history = []
+        if turn.claims.conversation is not None:
+            history = queries.recent_history(session, turn.claims.conversation.id, self.policy.max_messages,
+                                             self.policy.max_chars)
+        session.commit()
+        return self.policy.messages(history, turn.request.message)
 
-def call_agent(agent: AgentRunner, context: list[dict], model: str, request_id: str | None) -> tuple[AgentReply, float]:
-    """The agent's reply and the milliseconds it took; its duration and outcome go to metrics."""
-    started = time.perf_counter()
-    try:
-        reply = agent.run(context, model, request_id=request_id)
-    except AgentUnavailable as error:
-        error.agent_ms = elapsed_ms(started)
-        metrics.observe_agent_call(time.perf_counter() - started, error.kind)
-        raise
-    metrics.observe_agent_call(time.perf_counter() - started, None)
-    return reply, elapsed_ms(started)
+    def store(self, turn: Turn, reply: AgentReply) -> TurnResponse:
+        """Store the conversation (if new), both messages and the idempotency record in one short
+        transaction, and give the conversation back."""
+        session = self.sessions()
+        conversation, answered_at = turn.claims.conversation, utcnow()
+        if conversation is None:
+            conversation_id, first_seq = uuid.uuid4(), 1
+            queries.insert_conversation(session, {
+                "id": conversation_id, "user_id": turn.user_id, "title": conversation_title(turn.request.message),
+                "message_count": 2, "created_at": turn.asked_at, "updated_at": answered_at,
+            })
+        else:
+            conversation_id, first_seq = conversation.id, conversation.message_count + 1
+            if not queries.finish_conversation_turn(session, conversation_id, conversation.token, first_seq + 1, answered_at):
+                raise ConversationBusy()  # our lease lapsed and another turn took the conversation
+        message_id = uuid.uuid4()
+        body = self.render(Answer(conversation_id=str(conversation_id), message_id=str(message_id),
+                                  message=reply.content, role="assistant", created_at=answered_at,
+                                  usage=reply.usage, model=turn.request.model))
+        try:
+            queries.insert_messages(session, [
+                {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": first_seq, "role": "user",
+                 "content": turn.request.message, "created_at": turn.asked_at},
+                {"id": message_id, "conversation_id": conversation_id, "seq": first_seq + 1, "role": "assistant",
+                 "content": reply.content, "created_at": answered_at},
+            ])
+        except IntegrityError:
+            # The unique (conversation_id, seq) index: the last guard against interleaved turns.
+            raise ConversationBusy() from None
+        if turn.claims.key is not None:
+            idempotency.complete_key(session, turn.claims.key, body, conversation_id)
+        session.commit()
+        self.leases.let_go(turn.claims)
+        return TurnResponse(body, replayed=False, conversation_id=str(conversation_id))
 
-
-def store_turn(turn: PendingTurn, reply: AgentReply, agent_ms: float) -> TurnResult:
-    """Store the conversation (if new), both messages and the idempotency record in one short
-    transaction, and release the conversation."""
-    user_message, conversation = turn.chat_request["message"], turn.conversation
-    answered_at = utcnow()
-    if conversation is None:
-        conversation_id, first_seq = uuid.uuid4(), 1
-        queries.insert_conversation(
-            {
-                "id": conversation_id,
-                "user_id": turn.user_id,
-                "title": conversation_title(user_message),
-                "message_count": 2,
-                "created_at": turn.asked_at,
-                "updated_at": answered_at,
-            }
-        )
-    else:
-        conversation_id, first_seq = conversation.id, conversation.message_count + 1
-        if not queries.finish_conversation_turn(conversation_id, conversation.token, first_seq + 1, answered_at):
-            raise ConversationBusy()  # our claim expired and another turn took the conversation
-    message_id = uuid.uuid4()
-    user_row = {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": first_seq, "role": "user",
-                "content": user_message, "created_at": turn.asked_at}
-    assistant_row = {"id": message_id, "conversation_id": conversation_id, "seq": first_seq + 1, "role": "assistant",
-                     "content": reply.content, "created_at": answered_at}
-    body = turn.render(
-        ChatTurn(
-            conversation_id=str(conversation_id),
-            message_id=str(message_id),
-            message=reply.content,
-            role="assistant",
-            created_at=answered_at,
-            usage=reply.usage,
-            model=turn.chat_request["model"],
-        )
-    )
-    try:
-        queries.insert_messages([user_row, assistant_row])
-    except IntegrityError:
-        # The unique (conversation_id, seq) index: the last guard against interleaved turns.
-        raise ConversationBusy() from None
-    if turn.key_claim is not None:
-        idempotency.complete_key(turn.key_claim, body, conversation_id)
-    db.session.commit()
-    current_app.extensions["turn_leases"].let_go(turn.claims)
-    return TurnResult(body, False, str(conversation_id), agent_ms, reply.attempts)
+    def release(self, claims: TurnClaims) -> None:
+        """After a failed turn: nothing of it stays stored, the conversation and the key are free
+        again (or, when the database is the failure, as soon as it answers again)."""
+        session = self.sessions()
+        session.rollback()
+        if claims.conversation is None and claims.key is None:
+            return
+        try:
+            release(session, claims)
+            session.commit()
+            self.leases.let_go(claims)
+        except Exception:
+            session.rollback()
+            log.warning("could not release the claims of a failed turn: released when the database answers", exc_info=True)
+            self.leases.owe(claims)
 
 
 class TurnStream:
-    """A turn whose answer is still arriving from the agent. Iterate for its pieces; then
-    finish() stores it, or abort() (a failure, a client gone) stores nothing and frees its claims."""
+    """A turn whose answer is still arriving from the agent. Iterate for its pieces; then finish()
+    stores it, or abort() (a failure, a client gone) stores nothing and frees its claims."""
 
-    def __init__(self, turn: PendingTurn, agent_stream, first_piece: str, started: float):
+    def __init__(self, service: ChatService, turn: Turn, agent_stream: ReplyStream, first_piece: str, timing: AgentTiming):
+        self._service = service
         self.turn = turn
         self._agent_stream = agent_stream
         self._first_piece = first_piece
-        self._started = started
+        self._timing = timing
         self._pieces: list[str] = []
         self._ended = False
 
     @classmethod
-    def start(cls, turn: PendingTurn, agent: AgentRunner, context: list[dict], request_id: str | None) -> "TurnStream":
+    def start(cls, service: ChatService, turn: Turn, context: list[dict], request_id: str | None,
+              note: Callable[..., None]) -> "TurnStream":
         """Open the agent's stream and wait for its first piece: a failure until then is an
         ordinary error response (AgentUnavailable), not a broken stream."""
-        started = time.perf_counter()
+        timing = AgentTiming(note)
         agent_stream = None
         try:
-            agent_stream = agent.stream(context, turn.chat_request["model"], request_id=request_id)
+            agent_stream = service.agent.stream(context, turn.request.model, request_id=request_id)
             first_piece = next(iter(agent_stream), "")
         except BaseException as error:
             if agent_stream is not None:
                 agent_stream.close()
-            if isinstance(error, AgentUnavailable):
-                error.agent_ms = elapsed_ms(started)
-                metrics.observe_agent_call(time.perf_counter() - started, error.kind)
+            timing.failed(error)
             raise
-        return cls(turn, agent_stream, first_piece, started)
+        return cls(service, turn, agent_stream, first_piece, timing)
 
     def __iter__(self):
         """The assistant message, piece by piece as the agent writes it."""
@@ -263,15 +239,15 @@ class TurnStream:
             self._pieces.append(piece)
             yield piece
 
-    def finish(self) -> TurnResult:
+    def finish(self) -> TurnResponse:
         """Store the complete turn, once the agent's stream has ended."""
         self._ended = True
-        metrics.observe_agent_call(time.perf_counter() - self._started, None)
+        self._timing.ended(None, self._agent_stream.attempts)
         reply = AgentReply("".join(self._pieces), self._agent_stream.usage, self._agent_stream.attempts)
         try:
-            return store_turn(self.turn, reply, elapsed_ms(self._started))
+            return self._service.store(self.turn, reply)
         except BaseException:
-            release_claims(self.turn.claims)
+            self._service.release(self.turn.claims)
             raise
 
     def abort(self, error: Exception | None = None) -> None:
@@ -280,23 +256,8 @@ class TurnStream:
             return
         self._ended = True
         self._agent_stream.close()
-        kind = error.kind if isinstance(error, AgentUnavailable) else "aborted"
-        metrics.observe_agent_call(time.perf_counter() - self._started, kind)
-        release_claims(self.turn.claims)
-
-
-def release_claims(claims: TurnClaims) -> None:
-    """After a failed turn: nothing of it stays stored, the conversation and the key are free again
-    (or, when the database is the failure, as soon as it answers again)."""
-    db.session.rollback()
-    if claims.conversation is None and claims.key is None:
-        return
-    leases = current_app.extensions["turn_leases"]
-    try:
-        release(claims)
-        db.session.commit()
-        leases.let_go(claims)
-    except Exception:
-        db.session.rollback()
-        log.warning("could not release the claims of a failed turn: released when the database answers", exc_info=True)
-        leases.owe(claims)
+        if isinstance(error, AgentUnavailable):
+            self._timing.failed(error)
+        else:
+            self._timing.ended(FailureKind.ABORTED, self._agent_stream.attempts)
+        self._service.release(self.turn.claims)

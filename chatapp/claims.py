@@ -13,12 +13,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from flask import Flask
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from chatapp import queries
-from chatapp.extensions import db
+from chatapp.errors import ConversationBusy, ConversationNotFound
 from chatapp.idempotency import KeyClaim, release_key
 from chatapp.models import utcnow
+from chatapp.values import parse_conversation_id
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,31 @@ class TurnClaims:
     conversation: ClaimedConversation | None = None
 
 
-class TurnLeases:
-    """This process's turn claims, renewed by one thread while there are any, and released again
-    by it when a release failed. One per app (app.extensions["turn_leases"])."""
+def claim_conversation(session: Session, user_id: str, conversation_id: str, lease_seconds: float) -> ClaimedConversation:
+    """Hold the user's conversation for a turn, a lease of `lease_seconds`; 404 for an id that is
+    not one of the user's conversations, 409 while another turn holds it."""
+    parsed_id = parse_conversation_id(conversation_id)
+    now, token = utcnow(), uuid.uuid4()
+    message_count = queries.claim_conversation(session, user_id, parsed_id, token, now, now + timedelta(seconds=lease_seconds))
+    if message_count is None:
+        raise ConversationBusy() if queries.conversation_exists(session, user_id, parsed_id) else ConversationNotFound()
+    return ClaimedConversation(parsed_id, message_count, token)
 
-    def __init__(self, app: Flask, lease_seconds: float, clock=time.monotonic):
-        self.app = app
+
+def release(session: Session, claims: TurnClaims) -> None:
+    """Give the conversation and the key back, where they are still this turn's (the caller commits)."""
+    if claims.conversation is not None:
+        queries.release_conversation(session, claims.conversation.id, claims.conversation.token)
+    if claims.key is not None:
+        release_key(session, claims.key)
+
+
+class TurnLeases:
+    """This process's turn claims, renewed by one thread while there are any, and released by it
+    when a turn's own release failed. The thread has sessions of its own on `engine`."""
+
+    def __init__(self, engine: Engine, lease_seconds: float, clock=time.monotonic):
+        self.engine = engine
         self.lease_seconds = lease_seconds
         self._clock = clock
         self._live: set[TurnClaims] = set()  # renewed
@@ -60,10 +81,6 @@ class TurnLeases:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._warned_at = float("-inf")
-
-    def until(self):
-        """The end of a lease taken now."""
-        return utcnow() + timedelta(seconds=self.lease_seconds)
 
     def hold(self, claims: TurnClaims) -> None:
         """Renew these claims (as the turn adds to them) until let_go() or owe()."""
@@ -88,7 +105,7 @@ class TurnLeases:
         return bool(self._owed)
 
     def pay_owed(self) -> None:
-        """Release what is owed, now, in the caller's app context (before a new turn starts)."""
+        """Release what is owed, now (a new turn does it first: the conversation may be its own)."""
         with self._lock:
             owed, self._owed = self._owed, []
         failed = [claims for claims in owed if not self._release(claims)]
@@ -113,13 +130,11 @@ class TurnLeases:
                     self._thread = None
                     return
                 owing = bool(self._owed)
-            with self.app.app_context():
-                if owing:
-                    self.pay_owed()
-                if self._clock() >= next_renewal:
-                    self._renew()
-                    next_renewal = self._clock() + renew_every
-                db.session.remove()
+            if owing:
+                self.pay_owed()
+            if self._clock() >= next_renewal:
+                self._renew()
+                next_renewal = self._clock() + renew_every
             self._wake.clear()
             self._wake.wait(RETRY_SECONDS if self.owes() else max(0.0, next_renewal - self._clock()))
 
@@ -128,23 +143,23 @@ class TurnLeases:
             live = list(self._live)
         if not live:
             return
+        until = utcnow() + timedelta(seconds=self.lease_seconds)
         try:
-            queries.renew_claims(
-                [(claims.conversation.id, claims.conversation.token) for claims in live if claims.conversation],
-                [(claims.key.user_id, claims.key.key, claims.key.token) for claims in live if claims.key],
-                self.until())
-            db.session.commit()
+            with Session(self.engine) as session, session.begin():
+                queries.renew_claims(
+                    session,
+                    [(claims.conversation.id, claims.conversation.token) for claims in live if claims.conversation],
+                    [(claims.key.user_id, claims.key.key, claims.key.token) for claims in live if claims.key],
+                    until)
         except Exception as exc:  # the database is down: the next renewal may succeed in time
-            db.session.rollback()
             self._warn(f"could not renew the leases of {len(live)} turns: {type(exc).__name__}")
 
     def _release(self, claims: TurnClaims) -> bool:
         try:
-            release(claims)
-            db.session.commit()
+            with Session(self.engine) as session, session.begin():
+                release(session, claims)
             return True
         except Exception as exc:
-            db.session.rollback()
             self._warn(f"could not release the claims of a failed turn yet: {type(exc).__name__}")
             return False
 
@@ -153,15 +168,3 @@ class TurnLeases:
         if now - self._warned_at >= self.lease_seconds:  # not every quarter of a second
             self._warned_at = now
             log.warning(message)
-
-
-def release(claims: TurnClaims) -> None:
-    """Give the conversation and the key back, where they are still this turn's (the caller commits)."""
-    if claims.conversation is not None:
-        queries.release_conversation(claims.conversation.id, claims.conversation.token)
-    if claims.key is not None:
-        release_key(claims.key)
-
-
-def register_turn_leases(app: Flask) -> None:
-    app.extensions["turn_leases"] = TurnLeases(app, app.config["TURN_LEASE_SECONDS"])

@@ -9,6 +9,8 @@ from flask import Flask, current_app
 from flask_jwt_extended import create_access_token
 
 from chatapp import idempotency
+from chatapp.extensions import db
+from chatapp.values import USER_ID_MAX_CHARS
 
 
 def curl_command(base_url: str, user_id: str, token: str) -> str:
@@ -29,8 +31,8 @@ def curl_command(base_url: str, user_id: str, token: str) -> str:
 @click.option("--curl", "curl_base_url", metavar="BASE_URL", help="Print a curl command for BASE_URL instead.")
 def create_token(user_id: str, expires_in: int, curl_base_url: str | None) -> None:
     """Print a bearer token for USER_ID, signed with the configured key."""
-    if not 1 <= len(user_id) <= 255 or "/" in user_id:
-        raise click.BadParameter("must be 1 to 255 characters, without '/'", param_hint="USER_ID")
+    if not 1 <= len(user_id) <= USER_ID_MAX_CHARS or "/" in user_id:
+        raise click.BadParameter(f"must be 1 to {USER_ID_MAX_CHARS} characters, without '/'", param_hint="USER_ID")
     try:
         token = create_access_token(identity=user_id, expires_delta=timedelta(seconds=expires_in))
     except RuntimeError as exc:  # e.g. only JWT_PUBLIC_KEY is set: nothing to sign with
@@ -42,7 +44,7 @@ def create_token(user_id: str, expires_in: int, curl_base_url: str | None) -> No
 def purge_idempotency_keys() -> None:
     """Delete idempotency keys older than IDEMPOTENCY_TTL (expired keys are ignored anyway;
     run this from a scheduler to keep the table small)."""
-    removed = idempotency.purge_expired_keys(current_app.config["IDEMPOTENCY_TTL"])
+    removed = idempotency.purge_expired_keys(db.session, current_app.config["IDEMPOTENCY_TTL"])
     click.echo(f"removed {removed} expired idempotency keys")
 
 

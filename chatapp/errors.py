@@ -1,8 +1,8 @@
 """The ApiError family and the one place that turns any failure into the contract's JSON body."""
 import logging
-import uuid
+from collections.abc import Callable
 
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, jsonify
 from marshmallow import ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException
@@ -95,9 +95,9 @@ class IdempotencyKeyReused(ApiError):
 
 
 class AgentUnavailable(ApiError):
-    """The agent failed; `detail` is ours, never the agent's URL, key or body. `kind` (timeout,
-    connection, http_<status>, agent_error, malformed, too_large) and `attempts` are for logs and
-    metrics."""
+    """The agent failed; `detail` is ours, never the agent's URL, key or body. `kind` (one of
+    chatapp.agent.transport.FailureKind, http_<status> for an error status) and `attempts` are
+    for the log line."""
 
     status, code, detail = 503, "agent_unavailable", "The agent is unavailable, try again later"
     retry_after = 1
@@ -106,11 +106,10 @@ class AgentUnavailable(ApiError):
         super().__init__(detail, **kwargs)
         self.kind = kind
         self.attempts = attempts
-        self.agent_ms = None  # set by whoever timed the call
 
     @property
     def log_fields(self) -> dict:
-        return {"agent_kind": self.kind, "agent_attempts": self.attempts, "agent_ms": self.agent_ms}
+        return {"agent_kind": self.kind, "agent_attempts": self.attempts}
 
 
 class ServiceUnavailable(ApiError):
@@ -122,24 +121,17 @@ class ServiceUnavailable(ApiError):
 _HTTP_ERRORS = {404: RouteNotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
 
 
-def current_request_id() -> str:
-    """The id of the request being served (the request-id hook sets it first), or a fresh one."""
-    return g.setdefault("request_id", uuid.uuid4().hex)
-
-
-def error_body(error: ApiError) -> dict:
+def error_body(error: ApiError, request_id: str) -> dict:
     """The contract's error body (also the data of a stream's `error` event)."""
-    # The request's log line says how it failed (see log_config.note).
-    g.setdefault("log_fields", {}).update(error=error.code, **getattr(error, "log_fields", {}))
-    body = {"detail": error.detail, "code": error.code, "request_id": current_request_id()}
+    body = {"detail": error.detail, "code": error.code, "request_id": request_id}
     if error.errors is not None:
         body["errors"] = error.errors
     return body
 
 
-def error_response(error: ApiError) -> Response:
+def error_response(error: ApiError, request_id: str) -> Response:
     """The contract's JSON error body with the error's status and headers."""
-    response = jsonify(error_body(error))
+    response = jsonify(error_body(error, request_id))
     response.status_code = error.status
     response.headers.update(error.headers)
     return response
@@ -181,15 +173,23 @@ def as_api_error(exc: Exception) -> ApiError:
     if _database_unavailable(exc):
         # The driver's message only: SQLAlchemy's own would carry the statement's parameters.
         reason = (str(getattr(exc, "orig", "")).strip().splitlines() or [type(exc).__name__])[0]
-        log.error("database unavailable: %s", reason, extra={"request_id": current_request_id()})
+        log.error("database unavailable: %s", reason)
         return ServiceUnavailable()
-    log.error("unhandled error", exc_info=exc, extra={"request_id": current_request_id()})
+    log.error("unhandled error", exc_info=exc)
     return ApiError()
 
 
-def register_error_handlers(app: Flask) -> None:
-    """Route every exception, ours or not, through as_api_error() and error_response()."""
+def log_fields(error: ApiError) -> dict:
+    """What the request's log line says of how it failed."""
+    return {"error": error.code, **getattr(error, "log_fields", {})}
+
+
+def register_error_handlers(app: Flask, *, request_id: Callable[[], str], note: Callable[..., None]) -> None:
+    """Route every exception, ours or not, through as_api_error() and error_response(); the
+    request's log line (`note`) says how it failed."""
 
     @app.errorhandler(Exception)
     def handle_any(exc: Exception):
-        return error_response(as_api_error(exc))
+        error = as_api_error(exc)
+        note(**log_fields(error))
+        return error_response(error, request_id())

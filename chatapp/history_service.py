@@ -4,10 +4,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from chatapp import queries
-from chatapp.chat_service import parse_conversation_id
 from chatapp.errors import ConversationBusy, ConversationNotFound
 from chatapp.extensions import db
 from chatapp.models import utcnow
+from chatapp.values import parse_conversation_id
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class MessagePage:
 
 def list_conversations(user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None) -> ConversationPage:
     """The user's conversations, most recently active first, `limit` at a time."""
-    rows = queries.list_conversations(user_id, limit + 1, after)  # one more tells whether a next page exists
+    rows = queries.list_conversations(db.session, user_id, limit + 1, after)  # one more tells whether a next page exists
     page = rows[:limit]
     next_position = (page[-1].updated_at, page[-1].id) if len(rows) > limit else None
     return ConversationPage(page, next_position)
@@ -37,7 +37,7 @@ def list_conversations(user_id: str, limit: int, after: tuple[datetime, uuid.UUI
 
 def get_conversation(user_id: str, conversation_id: str) -> queries.ConversationSummary:
     """The user's conversation; 404 for any id that is not one."""
-    summary = queries.find_conversation_summary(user_id, parse_conversation_id(conversation_id))
+    summary = queries.find_conversation_summary(db.session, user_id, parse_conversation_id(conversation_id))
     if summary is None:
         raise ConversationNotFound()
     return summary
@@ -46,15 +46,15 @@ def get_conversation(user_id: str, conversation_id: str) -> queries.Conversation
 def list_messages(user_id: str, conversation_id: str, limit: int, before_seq: int | None) -> MessagePage:
     """The `limit` messages just before `before_seq` (the latest when None), oldest first."""
     conversation = get_conversation(user_id, conversation_id)
-    rows = queries.list_messages(conversation.id, limit + 1, before_seq)
+    rows = queries.list_messages(db.session, conversation.id, limit + 1, before_seq)
     return MessagePage(conversation.id, list(reversed(rows[:limit])), has_more=len(rows) > limit)
 
 
 def delete_conversation(user_id: str, conversation_id: str) -> None:
     """Delete the conversation with its messages and idempotency keys; 409 while a turn holds it."""
     parsed_id = parse_conversation_id(conversation_id)
-    if not queries.delete_conversation(user_id, parsed_id, utcnow()):
-        if queries.conversation_exists(user_id, parsed_id):
+    if not queries.delete_conversation(db.session, user_id, parsed_id, utcnow()):
+        if queries.conversation_exists(db.session, user_id, parsed_id):
             raise ConversationBusy()
         raise ConversationNotFound()
     db.session.commit()

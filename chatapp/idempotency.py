@@ -5,6 +5,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
+from sqlalchemy.orm import Session
+
 from chatapp import queries
 from chatapp.errors import IdempotencyInProgress, IdempotencyKeyReused
 from chatapp.models import utcnow
@@ -25,6 +27,11 @@ class Replay:
 
     body: str
 
+    @property
+    def message(self) -> str:
+        """The assistant's message of the stored ChatResponse (a replayed stream's one delta)."""
+        return json.loads(self.body)["message"]
+
 
 def request_fingerprint(message: str, conversation_id: str | None, model: str) -> str:
     """What makes two requests under one key the same request (`stream` does not)."""
@@ -32,22 +39,23 @@ def request_fingerprint(message: str, conversation_id: str | None, model: str) -
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def claim_key(user_id: str, key: str, fingerprint: str, *, hold_seconds: float, ttl_seconds: int) -> KeyClaim | Replay:
+def claim_key(session: Session, user_id: str, key: str, fingerprint: str, *, hold_seconds: float,
+              ttl_seconds: int) -> KeyClaim | Replay:
     """Hold the key for this request, or say why not: a Replay of the finished run, 409 while
     another run holds it, 422 when it was used for a different request. A key older than the
     TTL, or held past `hold_seconds` by a worker that died, is removed and claimed anew."""
     for _ in range(3):  # a concurrent takeover can make one attempt lose; three always settle it
         now = utcnow()
         token = uuid.uuid4()
-        if queries.insert_idempotency_key(user_id, key, fingerprint, token, now, now + timedelta(seconds=hold_seconds)):
+        if queries.insert_idempotency_key(session, user_id, key, fingerprint, token, now, now + timedelta(seconds=hold_seconds)):
             return KeyClaim(user_id, key, token)
-        stored = queries.find_idempotency_key(user_id, key)
+        stored = queries.find_idempotency_key(session, user_id, key)
         if stored is None:
             continue  # removed since our insert failed: try again
         expired = stored.created_at <= now - timedelta(seconds=ttl_seconds)
         abandoned = stored.response_body is None and stored.locked_until is not None and stored.locked_until <= now
         if expired or abandoned:
-            queries.delete_idempotency_key(user_id, key, stored.created_at)
+            queries.delete_idempotency_key(session, user_id, key, stored.created_at)
             continue
         if stored.fingerprint != fingerprint:
             raise IdempotencyKeyReused()
@@ -57,17 +65,17 @@ def claim_key(user_id: str, key: str, fingerprint: str, *, hold_seconds: float, 
     raise IdempotencyInProgress()
 
 
-def complete_key(claim: KeyClaim, response_body: str, conversation_id: uuid.UUID) -> None:
+def complete_key(session: Session, claim: KeyClaim, response_body: str, conversation_id: uuid.UUID) -> None:
     """Store the response in the turn's transaction; 409 when a takeover took the key meanwhile."""
-    if not queries.complete_idempotency_key(claim.user_id, claim.key, claim.token, response_body, conversation_id):
+    if not queries.complete_idempotency_key(session, claim.user_id, claim.key, claim.token, response_body, conversation_id):
         raise IdempotencyInProgress()
 
 
-def release_key(claim: KeyClaim) -> None:
+def release_key(session: Session, claim: KeyClaim) -> None:
     """Forget the key of a request that failed, so that a retry runs anew (the caller commits)."""
-    queries.release_idempotency_key(claim.user_id, claim.key, claim.token)
+    queries.release_idempotency_key(session, claim.user_id, claim.key, claim.token)
 
 
-def purge_expired_keys(ttl_seconds: int) -> int:
+def purge_expired_keys(session: Session, ttl_seconds: int) -> int:
     """Delete keys older than the TTL; how many went."""
-    return queries.purge_idempotency_keys(utcnow() - timedelta(seconds=ttl_seconds))
+    return queries.purge_idempotency_keys(session, utcnow() - timedelta(seconds=ttl_seconds))

@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess
 
 from chatapp import errors
+from chatapp.agent import FailureKind
 from chatapp.auth import bearer_token
 from chatapp.errors import InvalidToken
 from chatapp.openapi import documented
@@ -34,14 +35,14 @@ TURNS_IN_FLIGHT = Gauge("chatapp_turns_in_flight", "Chat turns being served now"
 
 
 def agent_outcome(kind: str | None) -> str:
-    """A bounded label for an agent call's result: ok, timeout, connection, http_429, http_4xx,
-    http_5xx, malformed, too_large."""
+    """A bounded label for an agent call's result: ok, http_429, http_4xx, http_5xx, or the other
+    kinds of FailureKind (timeout, connection, malformed, too_large, agent_error, aborted)."""
     if kind is None:
         return "ok"
     if kind.startswith("http_"):
         status = kind[len("http_"):]
         return "http_429" if status == "429" else f"http_{status[:1]}xx"
-    return kind
+    return FailureKind(kind).value
 
 
 def observe_agent_call(seconds: float, kind: str | None) -> None:
@@ -89,6 +90,6 @@ def metrics():
 
 
 def register_metrics(app: Flask) -> None:
-    """Time and count every request (from the start the request-id hook notes); serve /metrics."""
+    """Time and count every request (from the start the request-id hook notes); the blueprint
+    serving /metrics is registered with the others."""
     app.after_request(_count_request)
-    app.register_blueprint(bp)

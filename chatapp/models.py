@@ -6,8 +6,7 @@ from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, TypeD
 from sqlalchemy.orm import Mapped, mapped_column
 
 from chatapp.extensions import db
-
-TITLE_LENGTH = 80
+from chatapp.values import IDEMPOTENCY_KEY_MAX_CHARS, TITLE_MAX_CHARS, USER_ID_MAX_CHARS
 
 
 def utcnow() -> datetime:
@@ -41,8 +40,8 @@ class Conversation(db.Model):
     __table_args__ = (Index("ix_conversations_user_id_updated_at_id", "user_id", "updated_at", "id"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
-    user_id: Mapped[str] = mapped_column(String(255))
-    title: Mapped[str] = mapped_column(String(TITLE_LENGTH))
+    user_id: Mapped[str] = mapped_column(String(USER_ID_MAX_CHARS))
+    title: Mapped[str] = mapped_column(String(TITLE_MAX_CHARS))
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -72,8 +71,8 @@ class IdempotencyKey(db.Model):
     __tablename__ = "idempotency_keys"
     __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
 
-    user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
-    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_MAX_CHARS), primary_key=True)
+    key: Mapped[str] = mapped_column(String(IDEMPOTENCY_KEY_MAX_CHARS), primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(64))
     claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)

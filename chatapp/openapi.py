@@ -10,6 +10,7 @@ from marshmallow import Schema
 
 from chatapp import errors
 from chatapp.schemas import IDEMPOTENCY_KEY_JSON_PATTERN, Cursor, ErrorSchema
+from chatapp.values import USER_ID_MAX_CHARS
 
 OPENAPI_VERSION = "3.0.3"
 # What any authenticated operation can answer, besides its own errors.
@@ -159,7 +160,7 @@ def _response_headers(status: int) -> dict:
 
 def _operation(path_params: list[str], operation: Operation) -> dict:
     parameters = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1, "maxLength": USER_ID_MAX_CHARS}}
         for name in path_params
     ]
     if operation.query is not None:

@@ -1,12 +1,13 @@
-"""The SQL of a chat turn: every statement reads or writes a bounded number of rows."""
+"""The SQL of the service: every statement reads or writes a bounded number of rows. Each function
+runs on the session it is given (the request's, or one of a background thread's)."""
 import uuid
 from datetime import datetime
 from typing import NamedTuple
 
 from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
-from chatapp.extensions import db
 from chatapp.models import Conversation, IdempotencyKey, Message
 
 # The hot path writes through the tables (SQLAlchemy Core): the ORM's unit of work and session
@@ -85,40 +86,40 @@ class StoredKey(NamedTuple):
     created_at: datetime
 
 
-def claim_conversation(user_id: str, conversation_id: uuid.UUID, token: uuid.UUID, now: datetime, until: datetime) -> int | None:
+def claim_conversation(session: Session, user_id: str, conversation_id: uuid.UUID, token: uuid.UUID, now: datetime, until: datetime) -> int | None:
     """Hold the user's conversation for one turn, atomically, unless another turn holds it.
     Its message count when claimed; None when it is held, another user's or absent."""
-    row = db.session.execute(
+    row = session.execute(
         _CLAIM_CONVERSATION,
         {"conversation_id": conversation_id, "owner": user_id, "now": now, "new_token": token, "until": until},
     ).first()
     return row[0] if row else None
 
 
-def conversation_exists(user_id: str, conversation_id: uuid.UUID) -> bool:
+def conversation_exists(session: Session, user_id: str, conversation_id: uuid.UUID) -> bool:
     """Whether the user has this conversation."""
-    return db.session.scalar(
+    return session.scalar(
         select(exists().where(Conversation.id == conversation_id, Conversation.user_id == user_id))
     )
 
 
-def finish_conversation_turn(conversation_id: uuid.UUID, token: uuid.UUID, message_count: int, now: datetime) -> bool:
+def finish_conversation_turn(session: Session, conversation_id: uuid.UUID, token: uuid.UUID, message_count: int, now: datetime) -> bool:
     """Record the turn's new message count and release the claim, if it is still ours."""
-    result = db.session.execute(
+    result = session.execute(
         _FINISH_CONVERSATION_TURN,
         {"conversation_id": conversation_id, "token": token, "new_message_count": message_count, "now": now},
     )
     return result.rowcount == 1
 
 
-def insert_conversation(values: dict) -> None:
+def insert_conversation(session: Session, values: dict) -> None:
     """A new conversation row."""
-    db.session.execute(_INSERT_CONVERSATION, values)
+    session.execute(_INSERT_CONVERSATION, values)
 
 
-def insert_messages(rows: list[dict]) -> None:
+def insert_messages(session: Session, rows: list[dict]) -> None:
     """Message rows, in one statement."""
-    db.session.execute(_INSERT_MESSAGES, rows).all()
+    session.execute(_INSERT_MESSAGES, rows).all()
 
 
 _RENEW_CONVERSATION_CLAIM = (
@@ -136,21 +137,21 @@ _RENEW_KEY_CLAIM = (
 )
 
 
-def renew_claims(conversations_held: list[tuple[uuid.UUID, uuid.UUID]], keys_held: list[tuple[str, str, uuid.UUID]],
+def renew_claims(session: Session, conversations_held: list[tuple[uuid.UUID, uuid.UUID]], keys_held: list[tuple[str, str, uuid.UUID]],
                  until: datetime) -> None:
     """Extend the claims of running turns, each by its primary key and only while it is still the
     turn's: (conversation id, token) and (user id, key, token)."""
     if conversations_held:
-        db.session.execute(_RENEW_CONVERSATION_CLAIM, [
+        session.execute(_RENEW_CONVERSATION_CLAIM, [
             {"conversation_id": conversation_id, "token": token, "until": until} for conversation_id, token in conversations_held])
     if keys_held:
-        db.session.execute(_RENEW_KEY_CLAIM, [
+        session.execute(_RENEW_KEY_CLAIM, [
             {"owner": owner, "name": name, "token": token, "until": until} for owner, name, token in keys_held])
 
 
-def release_conversation(conversation_id: uuid.UUID, token: uuid.UUID) -> None:
+def release_conversation(session: Session, conversation_id: uuid.UUID, token: uuid.UUID) -> None:
     """Give the conversation back after a failed turn (only if the claim is still ours)."""
-    db.session.execute(
+    session.execute(
         update(Conversation)
         .where(Conversation.id == conversation_id, Conversation.claim_token == token)
         .values(claim_token=None, claimed_until=None)
@@ -158,24 +159,22 @@ def release_conversation(conversation_id: uuid.UUID, token: uuid.UUID) -> None:
     )
 
 
-def recent_history(conversation_id: uuid.UUID, max_messages: int, max_chars: int) -> list[tuple[str, str]]:
+def recent_history(session: Session, conversation_id: uuid.UUID, max_messages: int, max_chars: int) -> list[tuple[str, str]]:
     """(role, content) of the latest messages, oldest first: at most `max_messages`, dropping the
     oldest until their contents total at most `max_chars`. Reads only those rows, through the
     (conversation_id, seq) index, whatever the length of the conversation."""
     if max_messages <= 0:
         return []
-    rows = db.session.execute(
+    rows = session.execute(
         _RECENT_HISTORY, {"conversation_id": conversation_id, "max_messages": max_messages, "max_chars": max_chars}
     ).all()  # one fetch: iterating the result fetches row by row, a cost that grows with the history
     return [(role, content) for role, content in rows]
 
 
-def insert_idempotency_key(
-    user_id: str, key: str, fingerprint: str, token: uuid.UUID, now: datetime, locked_until: datetime
-) -> bool:
+def insert_idempotency_key(session: Session, user_id: str, key: str, fingerprint: str, token: uuid.UUID, now: datetime, locked_until: datetime) -> bool:
     """Record the key as in progress and commit; False when the user already has this key."""
     try:
-        db.session.execute(
+        session.execute(
             insert(IdempotencyKey).values(
                 user_id=user_id,
                 key=key,
@@ -185,16 +184,16 @@ def insert_idempotency_key(
                 created_at=now,
             )
         )
-        db.session.commit()
+        session.commit()
         return True
     except IntegrityError:
-        db.session.rollback()
+        session.rollback()
         return False
 
 
-def find_idempotency_key(user_id: str, key: str) -> StoredKey | None:
+def find_idempotency_key(session: Session, user_id: str, key: str) -> StoredKey | None:
     """The user's stored key, or None."""
-    row = db.session.execute(
+    row = session.execute(
         select(
             IdempotencyKey.fingerprint,
             IdempotencyKey.response_body,
@@ -205,21 +204,19 @@ def find_idempotency_key(user_id: str, key: str) -> StoredKey | None:
     return StoredKey(*row) if row else None
 
 
-def delete_idempotency_key(user_id: str, key: str, created_at: datetime) -> None:
+def delete_idempotency_key(session: Session, user_id: str, key: str, created_at: datetime) -> None:
     """Remove an expired or abandoned key and commit, unless it was replaced since it was read."""
-    db.session.execute(
+    session.execute(
         delete(IdempotencyKey)
         .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key, IdempotencyKey.created_at == created_at)
         .execution_options(**_BULK)
     )
-    db.session.commit()
+    session.commit()
 
 
-def complete_idempotency_key(
-    user_id: str, key: str, token: uuid.UUID, response_body: str, conversation_id: uuid.UUID
-) -> bool:
+def complete_idempotency_key(session: Session, user_id: str, key: str, token: uuid.UUID, response_body: str, conversation_id: uuid.UUID) -> bool:
     """Store the response to replay, if the key is still held by this claim."""
-    result = db.session.execute(
+    result = session.execute(
         update(IdempotencyKey)
         .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key, IdempotencyKey.claim_token == token)
         .values(response_body=response_body, conversation_id=conversation_id, claim_token=None, locked_until=None)
@@ -228,21 +225,21 @@ def complete_idempotency_key(
     return result.rowcount == 1
 
 
-def release_idempotency_key(user_id: str, key: str, token: uuid.UUID) -> None:
+def release_idempotency_key(session: Session, user_id: str, key: str, token: uuid.UUID) -> None:
     """Forget a key whose request failed, if it is still held by this claim."""
-    db.session.execute(
+    session.execute(
         delete(IdempotencyKey)
         .where(IdempotencyKey.user_id == user_id, IdempotencyKey.key == key, IdempotencyKey.claim_token == token)
         .execution_options(**_BULK)
     )
 
 
-def purge_idempotency_keys(created_before: datetime) -> int:
+def purge_idempotency_keys(session: Session, created_before: datetime) -> int:
     """Delete the keys older than the TTL and commit; how many went."""
-    result = db.session.execute(
+    result = session.execute(
         delete(IdempotencyKey).where(IdempotencyKey.created_at < created_before).execution_options(**_BULK)
     )
-    db.session.commit()
+    session.commit()
     return result.rowcount
 
 
@@ -275,27 +272,25 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def list_conversations(
-    user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None
-) -> list[ConversationSummary]:
+def list_conversations(session: Session, user_id: str, limit: int, after: tuple[datetime, uuid.UUID] | None) -> list[ConversationSummary]:
     """Up to `limit` of the user's conversations, most recently active first, starting after the
     (updated_at, id) position `after`: one range scan of the (user_id, updated_at, id) index."""
     query = select(*_SUMMARY_COLUMNS).where(Conversation.user_id == user_id)
     if after is not None:
         query = query.where(tuple_(Conversation.updated_at, Conversation.id) < tuple_(*after))
     query = query.order_by(Conversation.updated_at.desc(), Conversation.id.desc()).limit(limit)
-    return [ConversationSummary(*row) for row in db.session.execute(query)]
+    return [ConversationSummary(*row) for row in session.execute(query)]
 
 
-def find_conversation_summary(user_id: str, conversation_id: uuid.UUID) -> ConversationSummary | None:
+def find_conversation_summary(session: Session, user_id: str, conversation_id: uuid.UUID) -> ConversationSummary | None:
     """The user's conversation, or None (unknown or another user's look the same)."""
-    row = db.session.execute(
+    row = session.execute(
         select(*_SUMMARY_COLUMNS).where(Conversation.id == conversation_id, Conversation.user_id == user_id)
     ).first()
     return ConversationSummary(*row) if row else None
 
 
-def list_messages(conversation_id: uuid.UUID, limit: int, before_seq: int | None) -> list[StoredMessage]:
+def list_messages(session: Session, conversation_id: uuid.UUID, limit: int, before_seq: int | None) -> list[StoredMessage]:
     """Up to `limit` messages just before sequence number `before_seq` (the latest when None),
     newest first: one range scan of the (conversation_id, seq) index."""
     query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at).where(
@@ -304,13 +299,13 @@ def list_messages(conversation_id: uuid.UUID, limit: int, before_seq: int | None
     if before_seq is not None:
         query = query.where(Message.seq < before_seq)
     query = query.order_by(Message.seq.desc()).limit(limit)
-    return [StoredMessage(*row) for row in db.session.execute(query)]
+    return [StoredMessage(*row) for row in session.execute(query)]
 
 
-def delete_conversation(user_id: str, conversation_id: uuid.UUID, now: datetime) -> bool:
+def delete_conversation(session: Session, user_id: str, conversation_id: uuid.UUID, now: datetime) -> bool:
     """Delete the user's conversation unless a turn holds it; its messages and idempotency keys
     go with it (ON DELETE CASCADE). False when nothing was deleted."""
-    result = db.session.execute(
+    result = session.execute(
         delete(Conversation)
         .where(
             Conversation.id == conversation_id,

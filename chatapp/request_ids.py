@@ -5,10 +5,13 @@ import uuid
 
 from flask import Flask, g, request
 
-from chatapp.errors import current_request_id
-
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def current_request_id() -> str:
+    """The id of the request being served (the request-id hook sets it first), or a fresh one."""
+    return g.setdefault("request_id", uuid.uuid4().hex)
 
 
 def assign_request_id() -> None:

@@ -1,32 +1,36 @@
-"""Marshmallow schemas: requests as validated, responses as sent."""
+"""Marshmallow schemas: requests as validated (a chat request as a frozen ChatRequest), responses as sent."""
 import base64
 import binascii
 import json
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
-MESSAGE_MAX_CHARS = 10_000
-CONVERSATION_ID_MAX_CHARS = 64
-USER_ID_MAX_CHARS = 255
+from chatapp.values import (
+    CONVERSATION_ID_MAX_CHARS,
+    IDEMPOTENCY_KEY_MAX_CHARS,
+    MESSAGE_MAX_CHARS,
+    MODEL_MAX_CHARS,
+    USER_ID_MAX_CHARS,
+    unstorable,
+)
+
 CURSOR_MAX_CHARS = 256
 # Message.seq is a 32-bit INTEGER column; a larger `before` is out of range (SQLite overflows on it).
 SEQ_MAX = 2**31 - 1
-IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+IDEMPOTENCY_KEY_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{IDEMPOTENCY_KEY_MAX_CHARS}}}")
 # The same rule as a JSON Schema (ECMA-262) pattern, for the OpenAPI document.
 IDEMPOTENCY_KEY_JSON_PATTERN = f"^{IDEMPOTENCY_KEY_PATTERN.pattern}$"
 
 
 def validate_text(value: str) -> None:
-    """Text we can store anywhere: no NUL (PostgreSQL refuses it), no lone surrogate (not UTF-8)."""
-    if "\x00" in value:
-        raise ValidationError("Must not contain NUL characters.")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValidationError("Must be valid Unicode (no lone surrogates).") from None
+    """Text we can store anywhere (chatapp/values.py)."""
+    problem = unstorable(value)
+    if problem:
+        raise ValidationError(problem)
 
 
 def validate_not_blank(value: str) -> None:
@@ -36,7 +40,7 @@ def validate_not_blank(value: str) -> None:
 
 def validate_idempotency_key(value: str) -> None:
     if not IDEMPOTENCY_KEY_PATTERN.fullmatch(value):
-        raise ValidationError("Must be 1 to 255 visible ASCII characters.")
+        raise ValidationError(f"Must be 1 to {IDEMPOTENCY_KEY_MAX_CHARS} visible ASCII characters.")
 
 
 def idempotency_key(header_value: str | None, body_value: str | None) -> str | None:
@@ -74,7 +78,7 @@ class ChatRequestSchema(Schema):
     conversation_id = fields.String(
         load_default=None, allow_none=True, validate=validate.Length(min=1, max=CONVERSATION_ID_MAX_CHARS)
     )
-    model = fields.String(load_default=None, allow_none=True, validate=[validate.Length(min=1, max=255), validate_text])
+    model = fields.String(load_default=None, allow_none=True, validate=[validate.Length(min=1, max=MODEL_MAX_CHARS), validate_text])
     request_id = fields.String(
         load_default=None,
         allow_none=True,
@@ -103,6 +107,25 @@ class ChatRequestSchema(Schema):
             result["model"] = self.default_model
         return result
 
+    def load_chat_request(self, body, idempotency_header: str | None) -> "ChatRequest":
+        """The body (and the Idempotency-Key header) as a ChatRequest, or ValidationError."""
+        loaded = self.load(body)
+        key = idempotency_key(idempotency_header, loaded.pop("request_id"))
+        return ChatRequest(**loaded, idempotency_key=key)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat request as validated: the message, its conversation (None: a new one), the model
+    (DEFAULT_MODEL applied), the idempotency key (from the header or `request_id`), and whether the
+    answer streams."""
+
+    message: str
+    conversation_id: str | None
+    model: str
+    stream: bool
+    idempotency_key: str | None = None
+
 
 class PathUserSchema(Schema):
     """The user id in the path: 1 to 255 characters."""
@@ -111,7 +134,7 @@ class PathUserSchema(Schema):
 
 
 class ChatResponseSchema(Schema):
-    """The answer to a chat turn."""
+    """The answer to a chat turn (a chatapp.chat_service.Answer)."""
 
     conversation_id = fields.String(required=True)
     message = fields.String(required=True)
@@ -120,6 +143,15 @@ class ChatResponseSchema(Schema):
     usage = fields.Dict(allow_none=True, required=True)
     message_id = fields.String(required=True)
     model = fields.String(required=True)
+
+
+_CHAT_RESPONSE = ChatResponseSchema()
+
+
+def render_chat_response(answer) -> str:
+    """The ChatResponse as sent, stored for idempotent replays and sent as a stream's `done`: compact
+    JSON, as Flask's jsonify writes every other body (ASCII, no spaces)."""
+    return json.dumps(_CHAT_RESPONSE.dump(answer), separators=(",", ":"))
 
 
 class Cursor(fields.Field):

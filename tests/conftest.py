@@ -12,10 +12,10 @@ from flask_migrate import upgrade
 from sqlalchemy import create_engine, event, func, select, text
 
 from chatapp import create_app
-from chatapp.agent_client import OpenAIChatAgent
+from chatapp.agent import OpenAIChatAgent
 from chatapp.extensions import db as _db
 from chatapp.models import Conversation, Message
-from config import TestingConfig, database_url
+from config import DevelopmentConfig, TestingConfig, database_url
 from tests.support.agent import AgentServer
 from tests.support.live_server import ThrowawayPostgres
 
@@ -53,6 +53,11 @@ def pytest_report_header(config):
     redis = "TEST_REDIS_URL set" if os.environ.get("TEST_REDIS_URL") else "skipped: TEST_REDIS_URL unset"
     pooler = "; through a pooler (TEST_DATABASE_DIRECT_URL differs)" if through_a_pooler() else ""
     return f"databases: sqlite, postgresql ({postgres}{pooler}); redis ({redis})"
+
+
+def app_settings(**overrides) -> dict:
+    """The app's settings as config.py parses them (with its defaults), and `overrides`."""
+    return {**vars(DevelopmentConfig()), **overrides}
 
 
 def make_app(**settings):
@@ -153,7 +158,8 @@ def make_agent(request):
     agents = []
 
     def make(url, **settings):
-        agent = OpenAIChatAgent(url, **{"connect_timeout": 0.5, "timeout": deadline, "max_retries": 2, **settings})
+        agent = OpenAIChatAgent(url, **{"connect_timeout": 0.5, "timeout": deadline, "max_retries": 2,
+                                        "max_response_bytes": 1048576, "stream_timeout": 10.0, **settings})
         agents.append(agent)
         return agent
 
@@ -174,7 +180,7 @@ class _Collect(logging.Handler):
 @pytest.fixture
 def agent_log():
     """The agent client's log records, whatever other tests did to the chatapp loggers."""
-    logger = logging.getLogger("chatapp.agent_client")
+    logger = logging.getLogger("chatapp.agent")
     handler, level = _Collect(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

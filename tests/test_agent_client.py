@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from chatapp.agent_client import AgentReply, EchoAgent, OpenAIChatAgent, build_agent
+from chatapp.agent import AgentReply, EchoAgent, OpenAIChatAgent, build_agent
 from chatapp.errors import AgentUnavailable
+from tests.conftest import app_settings
 from tests.support.agent import USAGE, AgentServer, Close, Drip, Echo, Hang, Raw, Reply, closed_port_url, completion
 
 API_KEY = "sk-test-secret-key-0123456789"
@@ -339,20 +340,14 @@ def test_echo_agent():
     assert EchoAgent().run(messages, "any-model", request_id="r") == AgentReply("Echo: last", None, 1)
 
 
-@pytest.mark.parametrize("config", [{}, {"AGENT_URL": None}, {"AGENT_URL": ""}], ids=["missing", "none", "empty"])
-def test_build_agent_without_url_echoes(config):
-    assert isinstance(build_agent(config), EchoAgent)
+@pytest.mark.parametrize("url", [None, ""], ids=["none", "empty"])
+def test_build_agent_without_url_echoes(url):
+    assert isinstance(build_agent(app_settings(AGENT_URL=url)), EchoAgent)
 
 
 def test_build_agent_with_url(server):
-    config = {
-        "AGENT_URL": server.url,
-        "AGENT_API_KEY": API_KEY,
-        "AGENT_CONNECT_TIMEOUT": "0.5",
-        "AGENT_TIMEOUT": "2",
-        "AGENT_MAX_RETRIES": "1",
-        "AGENT_MAX_RESPONSE_BYTES": 5000,
-    }
+    config = app_settings(AGENT_URL=server.url, AGENT_API_KEY=API_KEY, AGENT_CONNECT_TIMEOUT=0.5, AGENT_TIMEOUT=2.0,
+                      AGENT_MAX_RETRIES=1, AGENT_MAX_RESPONSE_BYTES=5000)
     agent = build_agent(config)
     try:
         assert isinstance(agent, OpenAIChatAgent)
@@ -363,9 +358,10 @@ def test_build_agent_with_url(server):
         agent.close()
 
 
-def test_build_agent_defaults(server):
-    agent = build_agent({"AGENT_URL": server.url})
+def test_build_agent_defaults_are_the_configs(server):
+    agent = build_agent(app_settings(AGENT_URL=server.url))
     try:
-        assert (agent.connect_timeout, agent.timeout, agent.max_retries, agent.max_response_bytes) == (3.0, 30.0, 2, 1048576)
+        assert (agent.connect_timeout, agent.timeout, agent.max_retries, agent.max_response_bytes) == (3.0, 25.0, 2, 1048576)
+        assert agent.stream_timeout == 300.0
     finally:
         agent.close()

@@ -5,8 +5,9 @@ import time
 
 import pytest
 
-from chatapp.agent_client import AgentStream, EchoAgent, build_agent
+from chatapp.agent import AgentStream, EchoAgent, build_agent
 from chatapp.errors import AgentUnavailable
+from tests.conftest import app_settings
 from tests.support.agent import (
     USAGE, AgentServer, Close, DripStream, Echo, Hang, Raw, Stream, StreamEcho, closed_port_url, completion_chunk, sse,
     usage_chunk,
@@ -481,8 +482,8 @@ def test_echo_agent_streams_its_answer_word_by_word(content):
 
 
 def test_build_agent_passes_the_stream_timeout(server):
-    agent = build_agent({"AGENT_URL": server.url, "AGENT_TIMEOUT": "2", "AGENT_STREAM_TIMEOUT": "12.5"})
-    default = build_agent({"AGENT_URL": server.url})
+    agent = build_agent(app_settings(AGENT_URL=server.url, AGENT_TIMEOUT=2.0, AGENT_STREAM_TIMEOUT=12.5))
+    default = build_agent(app_settings(AGENT_URL=server.url))
     try:
         assert (agent.timeout, agent.stream_timeout, default.stream_timeout) == (2.0, 12.5, 300.0)
         with agent.stream(MESSAGES, "test-model") as stream:
@@ -493,5 +494,5 @@ def test_build_agent_passes_the_stream_timeout(server):
 
 
 def test_build_agent_without_url_streams_the_echo():
-    with build_agent({}).stream(MESSAGES, "test-model") as stream:
+    with build_agent(app_settings(AGENT_URL=None)).stream(MESSAGES, "test-model") as stream:
         assert "".join(stream) == "Echo: Hi"

@@ -309,10 +309,11 @@ def test_agent_failure_on_an_existing_conversation_stores_nothing(chat, agent_se
 
 @pytest.mark.parametrize("config_overrides", [{"AGENT_URL": None}])
 def test_agent_refusing_connections(app, chat, store, config_overrides):
-    from chatapp.agent_client import OpenAIChatAgent
+    from chatapp.agent import OpenAIChatAgent
     from tests.support.agent import closed_port_url
 
-    app.extensions["chat_agent"] = OpenAIChatAgent(closed_port_url(), connect_timeout=0.2, timeout=0.5, max_retries=1)
+    app.extensions["chat_service"].agent = OpenAIChatAgent(
+        closed_port_url(), connect_timeout=0.2, timeout=0.5, max_retries=1, max_response_bytes=1048576, stream_timeout=5)
     assert_error(chat.post({"message": "hi"}), 503, "agent_unavailable")
     assert store.counts() == (0, 0)
 
@@ -356,7 +357,7 @@ def test_unexpected_error_is_a_json_500_and_is_logged(app, chat, store, caplog):
         def run(self, messages, model, request_id=None):
             raise RuntimeError("a bug")
 
-    app.extensions["chat_agent"] = BrokenAgent()
+    app.extensions["chat_service"].agent = BrokenAgent()
     response = chat.post({"message": "hi"}, headers={"X-Request-ID": "trace-me-123"})
 
     body = assert_error(response, 500, "internal_error")

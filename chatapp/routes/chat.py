@@ -6,52 +6,41 @@ from flask import Blueprint, Response, current_app, g, request, stream_with_cont
 
 from chatapp import errors
 from chatapp.auth import authenticate
-from chatapp.chat_service import ChatTurn, TurnResult, TurnStream, send_message
-from chatapp.errors import as_api_error, error_body
+from chatapp.chat_service import TurnResponse, TurnStream
+from chatapp.errors import as_api_error, error_body, log_fields
 from chatapp.log_config import note
 from chatapp.metrics import TURNS_IN_FLIGHT
 from chatapp.openapi import documented
 from chatapp.rate_limit import enforce_rate_limit
 from chatapp.routes.inputs import check_user_id, json_body
-from chatapp.schemas import ChatRequestSchema, ChatResponseSchema, idempotency_key
+from chatapp.schemas import ChatRequest, ChatRequestSchema, ChatResponseSchema
 
 bp = Blueprint("chat", __name__)
 
 
-# Schema instances are stateless between calls: built once, shared by every thread.
-_CHAT_RESPONSE = ChatResponseSchema()
-
-
 @functools.cache
 def chat_request_schema(default_model: str | None, allowed_models: tuple[str, ...]) -> ChatRequestSchema:
-    """The request schema for an app's model settings, built once."""
+    """The request schema for an app's model settings, built once (schemas hold no state between calls)."""
     return ChatRequestSchema(default_model=default_model, allowed_models=allowed_models)
 
 
-def load_chat_request(user_id: str) -> dict:
+def load_chat_request(user_id: str) -> ChatRequest:
     """Step 1: the path's user id, the JSON body and the idempotency key, validated."""
     check_user_id(user_id)
     config = current_app.config
     schema = chat_request_schema(config["DEFAULT_MODEL"], tuple(config["ALLOWED_MODELS"] or ()))
-    chat_request = schema.load(json_body())
-    chat_request["idempotency_key"] = idempotency_key(request.headers.get("Idempotency-Key"), chat_request.pop("request_id"))
-    return chat_request
+    return schema.load_chat_request(json_body(), request.headers.get("Idempotency-Key"))
 
 
-def compact_json(data) -> str:
-    """JSON as every other body of the service is written (jsonify's compact form), on one line."""
-    return current_app.json.dumps(data, separators=(",", ":"))
-
-
-def render_chat_response(turn: ChatTurn) -> str:
-    """The ChatResponse, exactly as sent (and stored for idempotent replays); the data of `done`."""
-    return compact_json(_CHAT_RESPONSE.dump(turn))
-
-
-def chat_response(result: TurnResult) -> Response:
+def respond(chat_request: ChatRequest, turn: TurnResponse | TurnStream) -> Response:
+    """Step 5: the ChatResponse, or the answer as server-sent events (a replay streams too, when asked)."""
+    if chat_request.stream:
+        note(stream=True)
+        return event_stream_response(turn)
+    note(conversation_id=turn.conversation_id, replayed=turn.replayed)
     # The line end that jsonify adds to every other body: a terminal's prompt starts on a line of its own.
-    response = Response(result.body + "\n", status=200, mimetype="application/json")
-    if result.replayed:
+    response = Response(turn.body + "\n", status=200, mimetype="application/json")
+    if turn.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
 
@@ -61,7 +50,7 @@ def server_sent_event(event: str, data: str) -> str:
 
 
 def delta_event(content: str) -> str:
-    return server_sent_event("delta", compact_json({"content": content}))
+    return server_sent_event("delta", json.dumps({"content": content}, separators=(",", ":")))
 
 
 def relay(turn: TurnStream):
@@ -70,30 +59,31 @@ def relay(turn: TurnStream):
         try:
             for piece in turn:
                 yield delta_event(piece)
-            result = turn.finish()
+            stored = turn.finish()
         except GeneratorExit:  # the client went away: end the agent call, store nothing
             turn.abort()
             raise
         except Exception as exc:
             error = as_api_error(exc)
             turn.abort(exc)
-            yield server_sent_event("error", compact_json(error_body(error)))
+            note(**log_fields(error))
+            yield server_sent_event("error", json.dumps(error_body(error, g.request_id), separators=(",", ":")))
             return
-        yield server_sent_event("done", result.body)
+        yield server_sent_event("done", stored.body)
 
 
-def replay_events(result: TurnResult):
+def replay_events(replay: TurnResponse):
     """A finished turn, streamed again: its whole message as one delta, then done."""
-    yield delta_event(json.loads(result.body)["message"])
-    yield server_sent_event("done", result.body)
+    yield delta_event(replay.message)
+    yield server_sent_event("done", replay.body)
 
 
-def event_stream_response(outcome: TurnResult | TurnStream) -> Response:
-    events = replay_events(outcome) if isinstance(outcome, TurnResult) else relay(outcome)
+def event_stream_response(turn: TurnResponse | TurnStream) -> Response:
+    events = relay(turn) if isinstance(turn, TurnStream) else replay_events(turn)
     response = Response(stream_with_context(events), status=200, mimetype="text/event-stream")
     # Proxies must pass each event on at once.
     response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    if isinstance(outcome, TurnResult):
+    if isinstance(turn, TurnResponse):
         response.headers["Idempotent-Replayed"] = "true"
     return response
 
@@ -122,14 +112,9 @@ def chat(user_id: str):
     """One chat turn."""
     chat_request = load_chat_request(user_id)  # 1. validate
     authenticate(user_id)  # 2. authenticate,
-    note(user_id=user_id, conversation_id=chat_request["conversation_id"])
+    note(user_id=user_id, conversation_id=chat_request.conversation_id)
     enforce_rate_limit(user_id)  # then the rate limit (and, in the service, the idempotency key)
     with TURNS_IN_FLIGHT.track_inprogress():
-        outcome = send_message(  # 3. resolve the conversation; 4. execute the agent, store the turn
-            user_id, chat_request, current_app.extensions["chat_agent"], render_chat_response, request_id=g.request_id
-        )
-    if chat_request["stream"]:  # 5. return: the answer as it is written, stored when complete
-        note(stream=True)
-        return event_stream_response(outcome)
-    note(conversation_id=outcome.conversation_id, agent_ms=outcome.agent_ms, agent_attempts=outcome.agent_attempts, replayed=outcome.replayed)
-    return chat_response(outcome)  # 5. return
+        turn = current_app.extensions["chat_service"].send(  # 3. resolve the conversation; 4. execute the agent
+            user_id, chat_request, request_id=g.request_id, note=note)
+    return respond(chat_request, turn)  # 5. return

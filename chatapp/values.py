@@ -1,0 +1,62 @@
+"""The values the service accepts and stores, each rule in one place: the sizes the contract fixes,
+the text a database can store, JSON without NaN, the spelling of a conversation id. The schemas,
+the models, the agent client and the command line all take them from here."""
+import uuid
+
+from chatapp.errors import ConversationNotFound
+
+USER_ID_MAX_CHARS = 255
+MESSAGE_MAX_CHARS = 10_000
+CONVERSATION_ID_MAX_CHARS = 64
+MODEL_MAX_CHARS = 255
+IDEMPOTENCY_KEY_MAX_CHARS = 255
+TITLE_MAX_CHARS = 80
+
+
+def unstorable(text: str) -> str | None:
+    """Why PostgreSQL could not store `text` (a NUL; a lone surrogate, which is not UTF-8), or None."""
+    if "\x00" in text:
+        return "Must not contain NUL characters."
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "Must be valid Unicode (no lone surrogates)."
+    return None
+
+
+def storable_json(value) -> bool:
+    """Whether every string in a decoded JSON value, keys included, can be stored."""
+    try:
+        if isinstance(value, str):
+            return unstorable(value) is None
+        if isinstance(value, dict):
+            return all(unstorable(key) is None and storable_json(item) for key, item in value.items())
+        if isinstance(value, list):
+            return all(storable_json(item) for item in value)
+        return True
+    except RecursionError:
+        return False
+
+
+def reject_json_constant(name: str):
+    """json.loads' parse_constant: NaN and Infinity are not JSON, and would not survive being
+    stored and served again."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_conversation_id(value: str) -> uuid.UUID:
+    """The UUID a client sent as a conversation id, in its canonical spelling (upper case taken).
+    Anything else (braced, URN and bare-hex spellings included) is a conversation that does not
+    exist: the same 404 as an unknown or another user's."""
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise ConversationNotFound() from None
+    if str(parsed) != value.lower():
+        raise ConversationNotFound()
+    return parsed
+
+
+def conversation_title(first_message: str) -> str:
+    """A new conversation's title: the start of its first message, on one line."""
+    return " ".join(first_message.split())[:TITLE_MAX_CHARS]
