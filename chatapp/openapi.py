@@ -1,5 +1,14 @@
 """The OpenAPI document, generated from the routes and the same marshmallow schemas that
-validate requests: each view declares its schemas and the ApiErrors it can raise."""
+validate requests: each view declares its schemas and the ApiErrors it can raise (@documented),
+and build_openapi() walks the routes with apispec.
+
+This is what flask-smorest's @blp.arguments / @blp.response do, and it stays ours on the merits:
+flask-smorest parses the body with webargs before the view, as request.get_json() reads it (NaN
+accepted, a key given twice silently resolved, a chunked body cut at MAX_CONTENT_LENGTH), where
+the service refuses all three (routes/inputs.py); its validation errors are 422 in its own shape,
+so every status would need our handler on top; and it documents responses by status only, where
+each of ours names the error codes behind it. What is left here is a decorator and a walk over
+the routes on apispec, the library flask-smorest itself builds on."""
 import re
 from dataclasses import dataclass, field, replace
 

@@ -79,3 +79,16 @@ def test_the_readme_examples_work_as_written(make_run_server):
     [page] = [body for body in bodies if "messages" in body]
     assert [message["content"] for message in page["messages"]] == ["Hello!", "Echo: Hello!", "And again", "Echo: And again"]
     assert "event: done" in done.stdout and "event: delta" in done.stdout
+
+
+def test_the_code_map_names_every_module():
+    text = (ROOT / "README.md").read_text()
+    code_map = text[text.index("## Code map"):]
+    chatapp = ROOT / "chatapp"
+    modules = sorted(str(path.relative_to(ROOT)) for path in chatapp.rglob("*.py")
+                     if "agent" not in path.parts and (path.name != "__init__.py" or path.parent == chatapp))
+    missing = [module for module in modules if f"`{module}`" not in code_map]
+    assert not missing, f"README's Code map does not name {missing}"
+    assert "`chatapp/agent/`" in code_map
+    for module in (ROOT / "chatapp" / "agent").glob("*.py"):
+        assert module.name == "__init__.py" or f"`{module.name}`" in code_map, module.name
