@@ -40,9 +40,11 @@ def ping_idle_connections(app: Flask) -> None:
     DATABASE_PING_AFTER_IDLE seconds; a dead one is replaced before the turn uses it (a database
     restart while the service was quiet costs no request).
 
-    SQLAlchemy's pool_pre_ping pings at every checkout: two round trips a turn, a fifth of the
-    throughput with a slow agent (make bench, S3). A connection checked in a moment ago is alive;
-    if the database goes away under load, the first failure invalidates the whole pool anyway."""
+    Stands in for SQLAlchemy's pool_pre_ping, which pings at every checkout: two round trips a
+    continued turn (2.0 pings a turn with SQLAlchemy 2.1.9, 0.0 with this, measured again in
+    bench/results/2026-12-02-libraries.md), a fifth of the throughput with a slow agent when first
+    measured (make bench, S3). A connection checked in a moment ago is alive; if the database goes
+    away under load, the first failure invalidates the whole pool anyway."""
     with app.app_context():
         engine = db.engine
     if engine.dialect.name == "sqlite":

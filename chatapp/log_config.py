@@ -58,10 +58,12 @@ class LineWriter(logging.Handler):
     whole, on a pipe as on a file. A longer line (a traceback) takes a lock, so that two of them
     never interleave.
 
-    A StreamHandler writes under a lock: with dozens of request threads, the thread holding it
-    waited for the GIL after its write, and a dozen requests queued behind it (py-spy, bench S3).
-    A writer thread behind a queue avoided the lock but woke for every line: strace of a worker
-    under sequential turns counted 18.5 futex calls (GIL hand-overs) a turn with it, 12.4 with this."""
+    Stands in for logging.StreamHandler, which writes under a lock: with dozens of request
+    threads, the thread holding it waited for the GIL after its write, and a dozen requests queued
+    behind it (py-spy, bench S3); measured again, S3 was 7% slower with it
+    (bench/results/2026-12-02-libraries.md). A writer thread behind a queue avoided the lock but
+    woke for every line: strace of a worker under sequential turns counted 18.5 futex calls (GIL
+    hand-overs) a turn with it, 12.4 with this."""
 
     def __init__(self, fd: int):
         super().__init__()

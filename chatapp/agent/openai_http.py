@@ -41,7 +41,9 @@ class OpenAIChatAgent:
         # Stands in for requests.Session: requests go straight to a pooled urllib3 adapter,
         # prepared from a template. A Session merged settings, ran hooks and kept cookies on every
         # call (a tenth of a turn's CPU in bench/turn_cost.py), and no cookie may carry over
-        # between users' turns anyway. max_retries=0: retries are ours, within the deadline.
+        # between users' turns anyway; measured again with requests 2.34.2, a Session cost 2-18%
+        # of the turns a second (bench/results/2026-12-02-libraries.md). max_retries=0: retries
+        # are ours, within the deadline.
         self._adapter = HTTPAdapter(pool_maxsize=POOL_MAXSIZE, max_retries=0)
         self._template = requests.Request("POST", self._url).prepare()
         # Proxy settings are read from the environment once, not on every call.
