@@ -2,10 +2,12 @@
 
 gunicorn.conf.py builds the same configuration in gunicorn's master process, so that a setting that
 cannot serve stops the server before any worker boots."""
+import ipaddress
 import json
 import os
 import sys
 from datetime import datetime, timezone
+from urllib.parse import urlsplit
 
 from limits import parse as parse_rate_limit
 from sqlalchemy.engine import make_url
@@ -99,6 +101,19 @@ def _check_public_key(pem):
         raise ConfigError("JWT_PUBLIC_KEY is not a PEM public key (-----BEGIN PUBLIC KEY-----...)") from None
 
 
+def https_or_loopback(url: str) -> bool:
+    """https, or plain http to this machine (a test's or a sidecar's identity provider)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    if parts.scheme != "http":
+        return False
+    try:
+        return parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname or "").is_loopback
+    except ValueError:
+        return False
+
+
 def database_url(url):
     """Normalise a DATABASE_URL: Heroku-style postgres:// and plain postgresql:// use psycopg 3."""
     for prefix in ("postgres://", "postgresql://"):
@@ -140,14 +155,26 @@ class Config:
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
 
         self.JWT_SECRET_KEY = _env("JWT_SECRET_KEY", self._default_secret())
-        self.JWT_ALGORITHM = _env("JWT_ALGORITHM", "HS256")
-        # One algorithm only: an HS256 token signed with an RS256 public key must not verify.
-        self.JWT_DECODE_ALGORITHMS = [self.JWT_ALGORITHM]
         # Platforms' settings pages often keep a PEM on one line, with its line breaks written \n.
         self.JWT_PUBLIC_KEY = _multiline(_env("JWT_PUBLIC_KEY"))
         self.JWT_PRIVATE_KEY = _multiline(_env("JWT_PRIVATE_KEY"))
-        self.JWT_DECODE_AUDIENCE = _env("JWT_DECODE_AUDIENCE")
-        self.JWT_DECODE_ISSUER = _env("JWT_DECODE_ISSUER")
+        # The identity provider's key set, by its URL or by its issuer's discovery (chatapp/jwks.py).
+        self.JWT_JWKS_URL = _env("JWT_JWKS_URL")
+        self.JWT_OIDC_ISSUER = _env("JWT_OIDC_ISSUER")
+        self.JWT_JWKS_CACHE_SECONDS = _env_float("JWT_JWKS_CACHE_SECONDS", 300.0)
+        self.JWT_JWKS_MIN_REFRESH_SECONDS = _env_float("JWT_JWKS_MIN_REFRESH_SECONDS", 30.0)
+        self.JWT_JWKS_TIMEOUT = _env_float("JWT_JWKS_TIMEOUT", 3.0)
+        key_set = bool(self.JWT_JWKS_URL or self.JWT_OIDC_ISSUER)
+        # One algorithm (an HS256 token signed with an RS256 public key must not verify); with a key
+        # set, an allow-list of asymmetric ones.
+        self.JWT_DECODE_ALGORITHMS = _env_list("JWT_ALGORITHM") or (["RS256"] if key_set else ["HS256"])
+        self.JWT_ALGORITHM = self.JWT_DECODE_ALGORITHMS[0]  # what create-token signs with
+        # The audiences are checked by chatapp/auth.py against JWT_AUDIENCE_CLAIM (Amazon Cognito's
+        # access tokens carry client_id, not aud): flask-jwt-extended checks none.
+        self.TOKEN_AUDIENCES = _env_list("JWT_DECODE_AUDIENCE")
+        self.JWT_DECODE_AUDIENCE = None
+        self.JWT_AUDIENCE_CLAIM = _env("JWT_AUDIENCE_CLAIM", "aud")
+        self.JWT_DECODE_ISSUER = _env("JWT_DECODE_ISSUER", self.JWT_OIDC_ISSUER)
         self.JWT_IDENTITY_CLAIM = _env("JWT_IDENTITY_CLAIM", "sub")
         self.JWT_TOKEN_LOCATION = ["headers"]
         self.JWT_COOKIE_CSRF_PROTECT = False  # tokens travel in headers only: no csrf claim needed
@@ -220,7 +247,25 @@ class Config:
         self._check_token_keys()
 
     def _check_token_keys(self):
-        """The one algorithm fits the key that verifies it, and a public key is one."""
+        """One source of keys; the algorithms fit it; a public key is one; the URLs are URLs."""
+        sources = [name for name in ("JWT_PUBLIC_KEY", "JWT_JWKS_URL", "JWT_OIDC_ISSUER") if getattr(self, name)]
+        _require(" and ".join(sources), len(sources) <= 1, "are all set: set one source of keys")
+        algorithms = self.JWT_DECODE_ALGORITHMS
+        if self.JWT_JWKS_URL or self.JWT_OIDC_ISSUER:
+            for name in ("JWT_JWKS_URL", "JWT_OIDC_ISSUER"):
+                value = getattr(self, name)
+                _require(name, value is None or value.split("://", 1)[0] in ("http", "https"),
+                         "must be an https:// URL")
+            wrong = [algorithm for algorithm in algorithms if algorithm not in PUBLIC_KEY_ALGORITHMS]
+            _require("JWT_ALGORITHM", not wrong, f"with a key set lists asymmetric algorithms only "
+                     f"({', '.join(PUBLIC_KEY_ALGORITHMS)}), got {', '.join(wrong)}")
+            for name in ("JWT_JWKS_CACHE_SECONDS", "JWT_JWKS_TIMEOUT"):
+                _require(name, getattr(self, name) > 0, "must be positive")
+            _require("JWT_JWKS_MIN_REFRESH_SECONDS", self.JWT_JWKS_MIN_REFRESH_SECONDS >= 0, "must not be negative")
+            if self.JWT_OIDC_ISSUER and self.JWT_DECODE_ISSUER != self.JWT_OIDC_ISSUER:
+                raise ConfigError("JWT_DECODE_ISSUER differs from JWT_OIDC_ISSUER: the issuer's tokens name it as iss")
+            return
+        _require("JWT_ALGORITHM", len(algorithms) == 1, "names one algorithm (a list only with JWT_JWKS_URL or JWT_OIDC_ISSUER)")
         if self.JWT_PUBLIC_KEY is not None:
             _require("JWT_ALGORITHM", self.JWT_ALGORITHM in PUBLIC_KEY_ALGORITHMS,
                      f"must be one of {', '.join(PUBLIC_KEY_ALGORITHMS)} with JWT_PUBLIC_KEY, got {self.JWT_ALGORITHM!r}")
@@ -269,11 +314,17 @@ class ProductionConfig(Config):
 
     def validate(self):
         super().validate()
-        if self.JWT_PUBLIC_KEY is None and len((self.JWT_SECRET_KEY or "").encode()) < _MIN_SECRET_BYTES:
+        key_source = self.JWT_PUBLIC_KEY or self.JWT_JWKS_URL or self.JWT_OIDC_ISSUER
+        if not key_source and len((self.JWT_SECRET_KEY or "").encode()) < _MIN_SECRET_BYTES:
             raise ConfigError(
                 f"JWT_SECRET_KEY must be set to at least {_MIN_SECRET_BYTES} bytes in production "
-                "(or set JWT_PUBLIC_KEY)"
+                "(or set JWT_PUBLIC_KEY, JWT_JWKS_URL or JWT_OIDC_ISSUER)"
             )
+        for name in ("JWT_JWKS_URL", "JWT_OIDC_ISSUER"):
+            value = getattr(self, name)
+            # A key set over plain http could be anyone's: https, but for this machine's own provider.
+            _require(name, value is None or https_or_loopback(value),
+                     "must be an https:// URL in production (plain http only for a loopback host)")
         if not self.AGENT_URL:
             raise ConfigError("AGENT_URL must be set in production (the echo agent is for development)")
 

@@ -7,8 +7,8 @@ the rounds and each variant's ratio to the first.
         --variant "5+0:DATABASE_POOL_SIZE=5,DATABASE_MAX_OVERFLOW=0"
     .venv/bin/python bench/compare.py --variant "before:app=../old-checkout" --variant "after:"
 
-A variant is NAME:SETTINGS, SETTINGS a comma-separated list of NAME=VALUE service settings, or
-app=DIR for another checkout to serve. Every run uses the same stub and the same PostgreSQL
+A variant is NAME:SETTINGS, SETTINGS a comma-separated list of NAME=VALUE service settings,
+app=DIR for another checkout to serve, or run=ARGS for more arguments of run.py (--jwks). Every run uses the same stub and the same PostgreSQL
 server (a database of its own per run, created and dropped by run.py).
 """
 import argparse
@@ -31,13 +31,15 @@ def parse_variant(text: str) -> dict:
     name, _, settings = text.partition(":")
     if not name:
         raise argparse.ArgumentTypeError(f"a variant is NAME:SETTINGS, got {text!r}")
-    variant = {"name": name, "env": [], "app_dir": None}
+    variant = {"name": name, "env": [], "app_dir": None, "run_args": []}
     for setting in filter(None, (part.strip() for part in settings.split(","))):
         key, equals, value = setting.partition("=")
         if not equals:
             raise argparse.ArgumentTypeError(f"{setting!r} in {text!r} is not NAME=VALUE")
         if key == "app":
             variant["app_dir"] = value
+        elif key == "run":
+            variant["run_args"] += value.split()
         else:
             variant["env"].append(setting)
     return variant
@@ -74,6 +76,7 @@ def run_once(opts, variant: dict, workdir: Path, index: int) -> dict:
         command += ["--env", setting]
     if variant["app_dir"]:
         command += ["--app-dir", variant["app_dir"]]
+    command += variant["run_args"]
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"run.py failed for {variant['name']}:\n{done.stderr[-3000:]}")
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
                 results[variant["name"]].append(run_once(opts, variant, Path(workdir), index))
     meta = results[opts.variant[0]["name"]][0]["meta"]
     variants = "\n".join(
-        f"- **{variant['name']}**: {', '.join(variant['env']) or 'the defaults'}"
+        f"- **{variant['name']}**: {', '.join(variant['env'] + variant['run_args']) or 'the defaults'}"
         + (f", served from another checkout ({Path(variant['app_dir']).name})" if variant["app_dir"] else "")
         for variant in opts.variant)
     notes = "\n".join(f"- {note}" for note in opts.note)

@@ -30,6 +30,7 @@ from loadgen import run_wrk, wrk_binary
 from procs import connections_per_process, rss_mb, thread_count
 from service import BENCH_RATE_LIMIT, Database, Service
 from stub import ECHO_MODULE, SLOW_PREFIX, AgentStub, nginx_binary
+from tests.support.identity_provider import IdentityProvider
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -64,6 +65,9 @@ def parse_args(argv):
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="an extra setting for the service (repeatable), e.g. --env LOG_LEVEL=WARNING")
     parser.add_argument("--app-dir", type=Path, default=ROOT, help="the checkout to serve (default: this one)")
+    parser.add_argument("--jwks", action="store_true",
+                        help="tokens RS256 from an identity provider's key set (the tests' provider on loopback), "
+                             "instead of HS256 with JWT_SECRET_KEY")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 run of 2 s, no warm-up, 50 S4 turns, no results file")
     parser.add_argument("--output", type=Path, help="results file (default bench/results/<date>-<commit>[-sqlite].md)")
@@ -406,13 +410,19 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="chatapp-bench-"))
     commit, dirty = commit_of(opts.app_dir)
     started = datetime.now(timezone.utc)
-    stub = database = service = None
+    stub = database = service = provider = None
     try:
         stub = AgentStub(workdir).start()
         database = Database(None if opts.sqlite else opts.pg_url, workdir).create()
         extra_env = dict(setting.split("=", 1) for setting in opts.env)
+        if opts.jwks:
+            provider = IdentityProvider().__enter__()
+            provider.add_key("RSA")
+            extra_env.update(JWT_JWKS_URL=provider.jwks_url, JWT_ALGORITHM="RS256")
         service = Service(opts.app_dir, workdir, database.url, stub.base_url,
                           workers=opts.workers, threads=opts.threads, extra_env=extra_env)
+        if provider is not None:
+            service.token = lambda user_id, lifetime=6 * 3600: provider.token(user_id, expires_in=lifetime)
         log(f"database {database.name}: migrating")
         service.migrate()
         service.start()
@@ -439,7 +449,7 @@ def main(argv=None) -> int:
                 "app checkout": "this one" if opts.app_dir.resolve() == ROOT else f"another ({opts.app_dir.name})",
                 "load generator": f"wrk, --timeout 10s; S0-S2 {CONNECTIONS} threads x 1 connection, "
                                   f"S3 4 threads x {SLOW_CONNECTIONS // 4} connections, S4 1 x 1",
-                "users": f"{USERS} (tokens HS256 with sub, iat, exp)",
+                "users": f"{USERS} (tokens {'RS256 from a key set (--jwks)' if opts.jwks else 'HS256'} with sub, iat, exp)",
             },
         }
         text = report.markdown(results)
@@ -464,6 +474,8 @@ def main(argv=None) -> int:
             database.drop()
         if stub is not None:
             stub.stop()
+        if provider is not None:
+            provider.__exit__(None, None, None)
         if opts.keep_workdir:
             log(f"kept {workdir}")
         else:

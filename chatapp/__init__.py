@@ -75,7 +75,7 @@ def register_extensions(app: Flask) -> None:
     ping_idle_connections(app)
     if app.testing or click.get_current_context(silent=True) is not None:
         register_migrations(app)
-    register_auth(app, jwt)
+    register_auth(app, jwt, on_key_set_fetch=metrics.count_key_set_fetch)
     rate_limit.register_rate_limit(app)
     if app.config["CORS_ORIGINS"]:
         CORS(

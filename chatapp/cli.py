@@ -6,6 +6,7 @@ from urllib.parse import quote
 
 import click
 from flask import Flask, current_app
+from flask.cli import with_appcontext
 from flask_jwt_extended import create_access_token
 
 from chatapp import idempotency
@@ -26,13 +27,22 @@ def curl_command(base_url: str, user_id: str, token: str) -> str:
 
 
 @click.command("create-token")
+@with_appcontext
 @click.argument("user_id")
 @click.option("--expires-in", default=3600, show_default=True, type=click.IntRange(min=1), help="Lifetime in seconds.")
 @click.option("--curl", "curl_base_url", metavar="BASE_URL", help="Print a curl command for BASE_URL instead.")
 def create_token(user_id: str, expires_in: int, curl_base_url: str | None) -> None:
-    """Print a bearer token for USER_ID, signed with the configured key."""
+    """Print a bearer token for USER_ID, signed with the configured key (JWT_SECRET_KEY, or
+    JWT_PRIVATE_KEY for an asymmetric algorithm)."""
     if not 1 <= len(user_id) <= USER_ID_MAX_CHARS or "/" in user_id:
         raise click.BadParameter(f"must be 1 to {USER_ID_MAX_CHARS} characters, without '/'", param_hint="USER_ID")
+    config = current_app.config
+    if config["JWT_JWKS_URL"] or config["JWT_OIDC_ISSUER"]:
+        raise click.ClickException("the tokens come from the identity provider (JWT_JWKS_URL or JWT_OIDC_ISSUER): "
+                                   "there is no key here to sign one with; ask the provider for a token")
+    if config["JWT_PUBLIC_KEY"] and not config["JWT_PRIVATE_KEY"]:
+        raise click.ClickException("JWT_PUBLIC_KEY only verifies tokens: there is no key here to sign one with "
+                                   "(set JWT_PRIVATE_KEY, or ask the identity provider for a token)")
     try:
         token = create_access_token(identity=user_id, expires_delta=timedelta(seconds=expires_in))
     except RuntimeError as exc:  # e.g. only JWT_PUBLIC_KEY is set: nothing to sign with
@@ -41,6 +51,7 @@ def create_token(user_id: str, expires_in: int, curl_base_url: str | None) -> No
 
 
 @click.command("purge-idempotency-keys")
+@with_appcontext
 def purge_idempotency_keys() -> None:
     """Delete idempotency keys older than IDEMPOTENCY_TTL (expired keys are ignored anyway;
     run this from a scheduler to keep the table small)."""

@@ -31,6 +31,7 @@ AGENT_DURATION = Histogram(
     ["outcome"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
 )
+KEY_SET_FETCHES = Counter("chatapp_jwks_fetch_total", "Fetches of the identity provider's key set, by outcome", ["outcome"])
 TURNS_IN_FLIGHT = Gauge("chatapp_turns_in_flight", "Chat turns being served now", multiprocess_mode="livesum")
 
 
@@ -43,6 +44,11 @@ def agent_outcome(kind: str | None) -> str:
         status = kind[len("http_"):]
         return "http_429" if status == "429" else f"http_{status[:1]}xx"
     return FailureKind(kind).value
+
+
+def count_key_set_fetch(outcome: str) -> None:
+    """A fetch of the identity provider's key set: ok or error."""
+    KEY_SET_FETCHES.labels(outcome).inc()
 
 
 def observe_agent_call(seconds: float, kind: str | None) -> None:

@@ -38,6 +38,14 @@ REFUSALS = {
     "an unreadable rate limit": ({"RATE_LIMIT": "lots"}, "RATE_LIMIT"),
     "a Redis URL that is not one": ({"REDIS_URL": "127.0.0.1:6379"}, "REDIS_URL"),
     "an unknown log format": ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    "two key sources": ({"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "JWT_JWKS_URL": "https://idp.example/keys"},
+                        "JWT_PUBLIC_KEY and JWT_JWKS_URL"),
+    "a key set and an issuer": ({"JWT_JWKS_URL": "https://idp.example/keys", "JWT_OIDC_ISSUER": "https://idp.example"},
+                                "JWT_JWKS_URL and JWT_OIDC_ISSUER"),
+    "a key set over plain http": ({"JWT_JWKS_URL": "http://idp.example/keys"}, "JWT_JWKS_URL"),
+    "an issuer over plain http": ({"JWT_OIDC_ISSUER": "http://idp.example"}, "JWT_OIDC_ISSUER"),
+    "an HMAC algorithm with a key set": ({"JWT_JWKS_URL": "https://idp.example/keys", "JWT_ALGORITHM": "RS256,HS256"},
+                                         "JWT_ALGORITHM"),
     "an unknown environment": ({"CHATAPP_ENV": "staging"}, "CHATAPP_ENV"),
 }
 
@@ -127,7 +135,7 @@ def test_the_worker_that_meets_a_configuration_error_stops_gunicorn_too():
     status, _seconds, lines = run_until_exit([sys.executable, "-c", "import wsgi"],
                                              environment({"JWT_SECRET_KEY": None, "LOG_FORMAT": "text"}))
     assert (status, lines) == (3, ["chatapp: configuration error: JWT_SECRET_KEY must be set to at least 32 bytes "
-                                   "in production (or set JWT_PUBLIC_KEY)"])
+                                   "in production (or set JWT_PUBLIC_KEY, JWT_JWKS_URL or JWT_OIDC_ISSUER)"])
 
 
 def test_good_settings_pass_the_check(tmp_path):
