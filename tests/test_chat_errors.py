@@ -192,7 +192,7 @@ def test_verified_tokens_are_bounded(app, auth, monkeypatch):
         tokens = [auth.token(f"user-{n}") for n in range(5)]
         for token in tokens:
             verify_token(token)
-        kept = app.extensions["verified_tokens"]._claims
+        kept = app.extensions["verified_tokens"]._entries
         assert list(kept) == tokens[2:]
 
 
