@@ -188,6 +188,14 @@ class Config:
         self.AGENT_MAX_RETRIES = _env_int("AGENT_MAX_RETRIES", 2)
         self.AGENT_MAX_RESPONSE_BYTES = _env_int("AGENT_MAX_RESPONSE_BYTES", 1048576)
         self.AGENT_SYSTEM_PROMPT = _env("AGENT_SYSTEM_PROMPT")
+        # When the agent is down (chatapp/agent/guard.py): a breaker per agent and process, a
+        # fallback agent, a cap on the calls in flight (None: none).
+        self.AGENT_BREAKER_FAILURES = _env_int("AGENT_BREAKER_FAILURES", 5)
+        self.AGENT_BREAKER_SECONDS = _env_float("AGENT_BREAKER_SECONDS", 30.0)
+        self.AGENT_FALLBACK_URL = _env("AGENT_FALLBACK_URL")
+        self.AGENT_FALLBACK_API_KEY = _env("AGENT_FALLBACK_API_KEY")
+        self.AGENT_FALLBACK_MODEL = _env("AGENT_FALLBACK_MODEL")  # None: the turn's model
+        self.AGENT_MAX_CONCURRENCY = _env_int("AGENT_MAX_CONCURRENCY", 0) or None
         self.DEFAULT_MODEL = _env("DEFAULT_MODEL", "gpt-4")
         self.ALLOWED_MODELS = _env_list("ALLOWED_MODELS")
 
@@ -243,6 +251,11 @@ class Config:
         if self.DATABASE_URL:
             _check_database_url(self.DATABASE_URL)
         _check_url("AGENT_URL", self.AGENT_URL, ("http", "https"), "https://api.openai.com/v1")
+        _check_url("AGENT_FALLBACK_URL", self.AGENT_FALLBACK_URL, ("http", "https"), "https://api.openai.com/v1")
+        _require("AGENT_BREAKER_FAILURES", self.AGENT_BREAKER_FAILURES >= 0, "must not be negative (0 turns the breaker off)")
+        _require("AGENT_BREAKER_SECONDS", self.AGENT_BREAKER_SECONDS > 0, "must be positive")
+        _require("AGENT_MAX_CONCURRENCY", self.AGENT_MAX_CONCURRENCY is None or self.AGENT_MAX_CONCURRENCY >= 1,
+                 "must be at least 1 (unset: no cap)")
         _check_url("REDIS_URL", self.REDIS_URL, ("redis", "rediss", "unix"), "redis://host:6379/0")
         self._check_token_keys()
 

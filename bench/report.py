@@ -1,6 +1,8 @@
 """The results as Markdown: the table of medians, the ratios against the targets, memory, settings."""
 import statistics
 
+import outage
+
 # Targets of the benchmark issue (not of the tests).
 SLOW_AGENT_SECONDS = 0.2
 S3_CONNECTIONS = 128
@@ -81,6 +83,13 @@ def ratios(results: dict) -> list[dict]:
     return out
 
 
+def outage_section(result: dict) -> list[str]:
+    """The OUTAGE scenario's figures (bench/outage.py)."""
+    return ["", "## OUTAGE: the agent hangs for 15 s under S3's load (bench/outage.py)", "",
+            f"AGENT_TIMEOUT and AGENT_BREAKER_SECONDS 5 s, {outage.CLIENTS} clients.", "",
+            outage.table({"value": result})]
+
+
 def markdown(results: dict) -> str:
     """The whole report."""
     meta = results["meta"]
@@ -134,6 +143,8 @@ def markdown(results: dict) -> str:
             lines.append(f"wrk's {S3_CONNECTIONS} connections per worker, each slow run: {splits}. A connection is "
                          "kept alive and stays with the worker that accepted it: a worker holding more connections "
                          "than it has threads queues turns while another has idle threads.")
+    if results.get("outage"):
+        lines += outage_section(results["outage"])
     extra = results.get("notes") or []
     if extra:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in extra]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import requests
 
+import outage
 import report
 from loadgen import run_wrk, wrk_binary
 from procs import connections_per_process, rss_mb, thread_count
@@ -34,7 +35,7 @@ from tests.support.identity_provider import IdentityProvider
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-SCENARIOS = ["STUB", "S0", "S1", "S2", "S3", "S4", "S5"]
+SCENARIOS = ["STUB", "S0", "S1", "S2", "S3", "S4", "S5", "OUTAGE"]
 DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/bench"
 USERS = 16
 CONNECTIONS = 16
@@ -361,6 +362,11 @@ class Bench:
             log("S5: 128 slow turns in flight...")
             self.s5_load_alone()
         self.note_stub_headroom()
+        if "OUTAGE" in chosen:
+            log("OUTAGE: a service of its own, with an agent that hangs for a while...")
+            workdir = self.workdir / "outage"
+            workdir.mkdir()
+            self.results["outage"] = outage.measure(self.opts.app_dir, self.database.url, workdir, log=log)
         if "S5" in chosen:
             samples = sorted(getattr(self, "memory_in_flight_samples", []))
             self.results["memory"] = {

@@ -111,7 +111,7 @@ def register_chat_service(app: Flask) -> None:
         engine = db.engine
     app.extensions["chat_service"] = ChatService(
         sessions=db.session,
-        agent=build_agent(config),
+        agent=build_agent(config, on_breaker=metrics.set_breaker_open),
         policy=ContextPolicy(config["AGENT_SYSTEM_PROMPT"], config["CONTEXT_MAX_MESSAGES"], config["CONTEXT_MAX_CHARS"]),
         leases=TurnLeases(engine, config["TURN_LEASE_SECONDS"]),
         render=render_chat_response,

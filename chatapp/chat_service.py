@@ -75,18 +75,19 @@ class AgentTiming:
         self._started = time.perf_counter()
         self._ended = False
 
-    def ended(self, kind: str | None, attempts: int | None) -> None:
-        """The call answered (kind None), or failed as `kind` (a FailureKind, http_<status> for a status)."""
+    def ended(self, kind: str | None, attempts: int | None, agent: str | None) -> None:
+        """The call answered (kind None), or failed as `kind` (a FailureKind, http_<status> for a
+        status); `agent` is the one that answered, or was tried last."""
         if self._ended:
             return
         self._ended = True
         seconds = time.perf_counter() - self._started
-        metrics.observe_agent_call(seconds, kind)
-        self._note(agent_ms=round(seconds * 1000, 1), agent_attempts=attempts)
+        metrics.observe_agent_call(seconds, kind, agent or "primary")
+        self._note(agent_ms=round(seconds * 1000, 1), agent_attempts=attempts, agent=agent or "primary")
 
     def failed(self, error: BaseException) -> None:
         if isinstance(error, AgentUnavailable):
-            self.ended(error.kind, error.attempts)
+            self.ended(error.kind, error.attempts, error.agent)
 
 
 class ChatService:
@@ -132,7 +133,7 @@ class ChatService:
             except BaseException as error:
                 timing.failed(error)
                 raise
-            timing.ended(None, reply.attempts)
+            timing.ended(None, reply.attempts, reply.agent)
             return self.store(turn, reply)
         except BaseException:
             self.release(claims)
@@ -163,16 +164,16 @@ class ChatService:
             conversation_id, first_seq = conversation.id, conversation.message_count + 1
             if not queries.finish_conversation_turn(session, conversation_id, conversation.token, first_seq + 1, answered_at):
                 raise ConversationBusy()  # our lease lapsed and another turn took the conversation
-        message_id = uuid.uuid4()
+        message_id, model = uuid.uuid4(), reply.model or turn.request.model
         body = self.render(Answer(conversation_id=str(conversation_id), message_id=str(message_id),
                                   message=reply.content, role="assistant", created_at=answered_at,
-                                  usage=reply.usage, model=turn.request.model))
+                                  usage=reply.usage, model=model))
         try:
             queries.insert_messages(session, [
                 {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": first_seq, "role": "user",
-                 "content": turn.request.message, "created_at": turn.asked_at},
+                 "content": turn.request.message, "created_at": turn.asked_at, "model": None},
                 {"id": message_id, "conversation_id": conversation_id, "seq": first_seq + 1, "role": "assistant",
-                 "content": reply.content, "created_at": answered_at},
+                 "content": reply.content, "created_at": answered_at, "model": model},
             ])
         except IntegrityError:
             # The unique (conversation_id, seq) index: the last guard against interleaved turns.
@@ -242,8 +243,10 @@ class TurnStream:
     def finish(self) -> TurnResponse:
         """Store the complete turn, once the agent's stream has ended."""
         self._ended = True
-        self._timing.ended(None, self._agent_stream.attempts)
-        reply = AgentReply("".join(self._pieces), self._agent_stream.usage, self._agent_stream.attempts)
+        stream = self._agent_stream
+        agent = getattr(stream, "agent", "primary")
+        self._timing.ended(None, stream.attempts, agent)
+        reply = AgentReply("".join(self._pieces), stream.usage, stream.attempts, getattr(stream, "model", None), agent)
         try:
             return self._service.store(self.turn, reply)
         except BaseException:
@@ -259,5 +262,5 @@ class TurnStream:
         if isinstance(error, AgentUnavailable):
             self._timing.failed(error)
         else:
-            self._timing.ended(FailureKind.ABORTED, self._agent_stream.attempts)
+            self._timing.ended(FailureKind.ABORTED, self._agent_stream.attempts, getattr(self._agent_stream, "agent", None))
         self._service.release(self.turn.claims)

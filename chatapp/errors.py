@@ -102,14 +102,18 @@ class AgentUnavailable(ApiError):
     status, code, detail = 503, "agent_unavailable", "The agent is unavailable, try again later"
     retry_after = 1
 
-    def __init__(self, detail=None, *, kind="unavailable", attempts=0, **kwargs):
+    def __init__(self, detail=None, *, kind="unavailable", attempts=0, agent=None, **kwargs):
         super().__init__(detail, **kwargs)
         self.kind = kind
         self.attempts = attempts
+        self.agent = agent  # primary or fallback: the last one tried
 
     @property
     def log_fields(self) -> dict:
-        return {"agent_kind": self.kind, "agent_attempts": self.attempts}
+        fields = {"agent_kind": self.kind, "agent_attempts": self.attempts}
+        if self.agent:
+            fields["agent"] = self.agent
+        return fields
 
 
 class ServiceUnavailable(ApiError):

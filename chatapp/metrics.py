@@ -27,10 +27,12 @@ HTTP_DURATION = Histogram(
 )
 AGENT_DURATION = Histogram(
     "chatapp_agent_call_duration_seconds",
-    "Time of one agent call, retries included, by outcome",
-    ["outcome"],
+    "Time of one agent call, retries included, by outcome and by the agent that answered",
+    ["outcome", "agent"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60),
 )
+BREAKER_OPEN = Gauge("chatapp_agent_breaker_open", "1 while the agent's circuit breaker is open (or half open), per process",
+                     ["agent"], multiprocess_mode="liveall")
 KEY_SET_FETCHES = Counter("chatapp_jwks_fetch_total", "Fetches of the identity provider's key set, by outcome", ["outcome"])
 TURNS_IN_FLIGHT = Gauge("chatapp_turns_in_flight", "Chat turns being served now", multiprocess_mode="livesum")
 
@@ -51,8 +53,13 @@ def count_key_set_fetch(outcome: str) -> None:
     KEY_SET_FETCHES.labels(outcome).inc()
 
 
-def observe_agent_call(seconds: float, kind: str | None) -> None:
-    AGENT_DURATION.labels(agent_outcome(kind)).observe(seconds)
+def observe_agent_call(seconds: float, kind: str | None, agent: str = "primary") -> None:
+    AGENT_DURATION.labels(agent_outcome(kind), agent).observe(seconds)
+
+
+def set_breaker_open(agent: str, is_open: bool) -> None:
+    """A breaker opened, or closed again."""
+    BREAKER_OPEN.labels(agent).set(1 if is_open else 0)
 
 
 def _count_request(response: Response) -> Response:

@@ -6,7 +6,7 @@ from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, TypeD
 from sqlalchemy.orm import Mapped, mapped_column
 
 from chatapp.extensions import db
-from chatapp.values import IDEMPOTENCY_KEY_MAX_CHARS, TITLE_MAX_CHARS, USER_ID_MAX_CHARS
+from chatapp.values import IDEMPOTENCY_KEY_MAX_CHARS, MODEL_MAX_CHARS, TITLE_MAX_CHARS, USER_ID_MAX_CHARS
 
 
 def utcnow() -> datetime:
@@ -50,7 +50,8 @@ class Conversation(db.Model):
 
 
 class Message(db.Model):
-    """One message of a conversation; `seq` runs 1, 2, 3... without gaps."""
+    """One message of a conversation; `seq` runs 1, 2, 3... without gaps; an assistant message
+    keeps the model that answered (the fallback agent's, when it answered)."""
 
     __tablename__ = "messages"
     # The unique (conversation_id, seq) index serves the history query and forbids interleaved turns.
@@ -62,6 +63,7 @@ class Message(db.Model):
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    model: Mapped[str | None] = mapped_column(String(MODEL_MAX_CHARS))  # an answer's: the model that gave it
 
 
 class IdempotencyKey(db.Model):

@@ -113,14 +113,15 @@ EXAMPLES = {
                 {"message_id": "0d6f3c2a-1b4e-4f5a-8c7d-9e0f1a2b3c4d", "seq": 1, "role": "user",
                  "content": "Hello!", "created_at": "2026-11-25T21:04:04.001234+00:00"},
                 {"message_id": "c3a1f0d2-7a4b-4c1e-9f3a-2b6d8e0f1a2c", "seq": 2, "role": "assistant",
-                 "content": "Hello! How can I help?", "created_at": "2026-11-25T21:04:05.123456+00:00"},
+                 "content": "Hello! How can I help?", "created_at": "2026-11-25T21:04:05.123456+00:00",
+                 "model": "gpt-4"},
             ],
             "has_more": False,
         },
     },
     "delete_conversation": {"response": None},
     "healthz": {"response": {"status": "ok"}},
-    "readyz": {"response": {"status": "ready"}},
+    "readyz": {"response": {"status": "ready", "agent": "closed"}},
     "metrics": {"response": "# HELP chatapp_turns_in_flight Chat turns being served now\n"
                             "# TYPE chatapp_turns_in_flight gauge\nchatapp_turns_in_flight 0.0\n"},
 }

@@ -261,6 +261,7 @@ class StoredMessage(NamedTuple):
     role: str
     content: str
     created_at: datetime
+    model: str | None
 
 
 _SUMMARY_COLUMNS = (
@@ -293,7 +294,7 @@ def find_conversation_summary(session: Session, user_id: str, conversation_id: u
 def list_messages(session: Session, conversation_id: uuid.UUID, limit: int, before_seq: int | None) -> list[StoredMessage]:
     """Up to `limit` messages just before sequence number `before_seq` (the latest when None),
     newest first: one range scan of the (conversation_id, seq) index."""
-    query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at).where(
+    query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at, Message.model).where(
         Message.conversation_id == conversation_id
     )
     if before_seq is not None:

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, validate, validates
 
 from chatapp.values import (
     CONVERSATION_ID_MAX_CHARS,
@@ -225,6 +225,14 @@ class MessageSchema(Schema):
     role = fields.String(required=True)
     content = fields.String(required=True)
     created_at = fields.DateTime(format="iso", required=True)
+    model = fields.String(allow_none=True, metadata={"description": "An assistant message's: the model that answered "
+                                                     "(null for answers stored before it was kept); absent on user messages"})
+
+    @post_dump
+    def only_answers_have_a_model(self, data, **_kwargs):
+        if data["role"] != "assistant":
+            del data["model"]
+        return data
 
 
 class MessageListSchema(Schema):
@@ -240,9 +248,10 @@ class HealthSchema(Schema):
 
 
 class ReadinessSchema(Schema):
-    """GET /readyz: the database answers."""
+    """GET /readyz: the database answers; how the agent's circuit breaker stands."""
 
     status = fields.String(required=True, validate=validate.OneOf(["ready"]))
+    agent = fields.String(required=True, validate=validate.OneOf(["closed", "open", "half_open"]))
 
 
 class ErrorSchema(Schema):

@@ -342,13 +342,13 @@ def test_echo_agent():
 
 @pytest.mark.parametrize("url", [None, ""], ids=["none", "empty"])
 def test_build_agent_without_url_echoes(url):
-    assert isinstance(build_agent(app_settings(AGENT_URL=url)), EchoAgent)
+    assert isinstance(build_agent(app_settings(AGENT_URL=url)).primary, EchoAgent)
 
 
 def test_build_agent_with_url(server):
     config = app_settings(AGENT_URL=server.url, AGENT_API_KEY=API_KEY, AGENT_CONNECT_TIMEOUT=0.5, AGENT_TIMEOUT=2.0,
                       AGENT_MAX_RETRIES=1, AGENT_MAX_RESPONSE_BYTES=5000)
-    agent = build_agent(config)
+    agent = build_agent(config).primary
     try:
         assert isinstance(agent, OpenAIChatAgent)
         assert (agent.connect_timeout, agent.timeout, agent.max_retries, agent.max_response_bytes) == (0.5, 2.0, 1, 5000)
@@ -359,7 +359,7 @@ def test_build_agent_with_url(server):
 
 
 def test_build_agent_defaults_are_the_configs(server):
-    agent = build_agent(app_settings(AGENT_URL=server.url))
+    agent = build_agent(app_settings(AGENT_URL=server.url)).primary
     try:
         assert (agent.connect_timeout, agent.timeout, agent.max_retries, agent.max_response_bytes) == (3.0, 25.0, 2, 1048576)
         assert agent.stream_timeout == 300.0

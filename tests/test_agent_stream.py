@@ -482,8 +482,8 @@ def test_echo_agent_streams_its_answer_word_by_word(content):
 
 
 def test_build_agent_passes_the_stream_timeout(server):
-    agent = build_agent(app_settings(AGENT_URL=server.url, AGENT_TIMEOUT=2.0, AGENT_STREAM_TIMEOUT=12.5))
-    default = build_agent(app_settings(AGENT_URL=server.url))
+    agent = build_agent(app_settings(AGENT_URL=server.url, AGENT_TIMEOUT=2.0, AGENT_STREAM_TIMEOUT=12.5)).primary
+    default = build_agent(app_settings(AGENT_URL=server.url)).primary
     try:
         assert (agent.timeout, agent.stream_timeout, default.stream_timeout) == (2.0, 12.5, 300.0)
         with agent.stream(MESSAGES, "test-model") as stream:

@@ -133,7 +133,7 @@ def test_production_starts_with_a_strong_secret(environ, tmp_path):
     environ.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
     app = create_app(ProductionConfig())
     assert not app.testing and not app.debug
-    assert type(app.extensions["chat_service"].agent).__name__ == "OpenAIChatAgent"
+    assert type(app.extensions["chat_service"].agent.primary).__name__ == "OpenAIChatAgent"
 
 
 def test_chatapp_env_selects_the_class(environ):
@@ -150,7 +150,7 @@ def test_chatapp_env_selects_the_class(environ):
 def test_development_uses_the_echo_agent(environ, tmp_path):
     environ.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/x.db")
     app = create_app(DevelopmentConfig())
-    assert type(app.extensions["chat_service"].agent).__name__ == "EchoAgent"
+    assert type(app.extensions["chat_service"].agent.primary).__name__ == "EchoAgent"
 
 
 def test_serving_does_not_load_the_migration_tools(tmp_path):

@@ -85,7 +85,9 @@ def test_message_pages_go_backwards(chat, get):
     first = oldest["messages"][0]
     assert set(first) == {"message_id", "seq", "role", "content", "created_at"}
     assert (first["role"], first["content"]) == ("user", "m1")
-    assert oldest["messages"][1]["content"] == "You said: m1"
+    answer = oldest["messages"][1]
+    assert (answer["content"], answer["model"]) == ("You said: m1", "gpt-4")  # the model that answered
+    assert set(answer) == {"message_id", "seq", "role", "content", "created_at", "model"}
     assert datetime.fromisoformat(first["created_at"]).utcoffset() == timedelta(0)
     assert get(f"/conversations/{conversation_id}/messages").get_json()["has_more"] is False  # default 50
 

@@ -15,7 +15,7 @@ def test_healthz(client):
 def test_readyz(client):
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.get_json() == {"status": "ready"}
+    assert response.get_json() == {"status": "ready", "agent": "closed"}
 
 
 def test_create_token_works_against_the_api(app, client, agent_server):

@@ -181,8 +181,8 @@ def test_metrics(app, client, chat, agent_server):
     assert grew("chatapp_http_requests_total", method="POST", route=route, status="503") == 1
     assert grew("chatapp_http_requests_total", method="POST", route=route, status="400") == 1
     assert grew("chatapp_http_request_duration_seconds_count", method="POST", route=route) == 4
-    assert grew("chatapp_agent_call_duration_seconds_count", outcome="ok") == 2
-    assert grew("chatapp_agent_call_duration_seconds_count", outcome="http_5xx") == 1
+    assert grew("chatapp_agent_call_duration_seconds_count", outcome="ok", agent="primary") == 2
+    assert grew("chatapp_agent_call_duration_seconds_count", outcome="http_5xx", agent="primary") == 1
     assert in_flight == [1.0]
     assert metric(text, "chatapp_turns_in_flight") == 0
 
@@ -190,7 +190,7 @@ def test_metrics(app, client, chat, agent_server):
 def test_agent_timeouts_are_counted_as_such(app, client, chat, agent_server):
     agent_server.enqueue(Hang())
     assert chat.post({"message": "hi"}).status_code == 503
-    assert metric(client.get("/metrics").get_data(as_text=True), "chatapp_agent_call_duration_seconds_count", outcome="timeout") >= 1
+    assert metric(client.get("/metrics").get_data(as_text=True), "chatapp_agent_call_duration_seconds_count", outcome="timeout", agent="primary") >= 1
 
 
 def test_no_cors_headers_unless_configured(client, auth, agent_server):

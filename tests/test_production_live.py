@@ -45,7 +45,7 @@ def test_metrics_add_up_across_two_workers(production_env, agent_server):
     assert len(counter_files) == 2  # both workers counted requests
     for text in scrapes:
         assert metric(text, "chatapp_http_requests_total", method="POST", route="/api/<user_id>/chat", status="200") == 8
-        assert metric(text, "chatapp_agent_call_duration_seconds_count", outcome="ok") == 8
+        assert metric(text, "chatapp_agent_call_duration_seconds_count", outcome="ok", agent="primary") == 8
 
 
 def test_production_logs_are_json_lines_without_secrets(production_env, agent_server):

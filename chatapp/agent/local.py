@@ -35,12 +35,14 @@ class ReadyStream:
 class EchoAgent:
     """Development agent (AGENT_URL unset): answers with the last message, echoed."""
 
-    def run(self, messages: list[dict], model: str, request_id: str | None = None) -> AgentReply:
+    def run(self, messages: list[dict], model: str, request_id: str | None = None,
+            deadline: float | None = None) -> AgentReply:
         """Echo the content of the last message."""
         last = messages[-1]["content"] if messages else ""
         return AgentReply(f"Echo: {last}", None, 1)
 
-    def stream(self, messages: list[dict], model: str, request_id: str | None = None) -> ReadyStream:
+    def stream(self, messages: list[dict], model: str, request_id: str | None = None,
+               deadline: float | None = None) -> ReadyStream:
         """Echo the content of the last message word by word (the pieces keep their spaces)."""
         reply = self.run(messages, model, request_id)
         return ReadyStream(_WORD_BOUNDARY.split(reply.content), reply.usage, reply.attempts)

@@ -59,9 +59,10 @@ class OpenAIChatAgent:
         """Close the pooled connections."""
         self._close()
 
-    def run(self, messages: list[dict], model: str, request_id: str | None = None) -> AgentReply:
+    def run(self, messages: list[dict], model: str, request_id: str | None = None,
+            deadline: float | None = None) -> AgentReply:
         """Ask the agent for the next assistant message; raise AgentUnavailable on any failure."""
-        deadline = time.monotonic() + self.timeout
+        deadline = min(time.monotonic() + self.timeout, deadline or float("inf"))
         body = json.dumps({"model": model, "messages": messages}).encode()
         headers = self._headers(request_id)
         (content, usage), attempts = with_retries(
@@ -69,12 +70,13 @@ class OpenAIChatAgent:
         )
         return AgentReply(content, usage, attempts)
 
-    def stream(self, messages: list[dict], model: str, request_id: str | None = None) -> AgentStream:
+    def stream(self, messages: list[dict], model: str, request_id: str | None = None,
+               deadline: float | None = None) -> AgentStream:
         """Ask the agent for the next assistant message as a stream of pieces; raise AgentUnavailable
         when it cannot start (connection, status), and from the stream when it fails later."""
         started = time.monotonic()
         # Connecting, retries and the status all count against the first-token deadline.
-        first_deadline = started + min(self.timeout, self.stream_timeout)
+        first_deadline = min(started + min(self.timeout, self.stream_timeout), deadline or float("inf"))
         body = json.dumps(
             {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
         ).encode()

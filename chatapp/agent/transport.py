@@ -36,6 +36,8 @@ class FailureKind(enum.StrEnum):
     TOO_LARGE = "too_large"
     AGENT_ERROR = "agent_error"  # an error reported inside a stream
     ABORTED = "aborted"  # the client went away and the call was ended
+    BREAKER_OPEN = "breaker_open"  # not called: its circuit breaker is open
+    BUSY = "busy"  # not called: AGENT_MAX_CONCURRENCY calls in flight
 
     @property
     def detail(self) -> str:
@@ -50,6 +52,8 @@ _DETAILS = {
     FailureKind.TOO_LARGE: "The agent's answer was too large",
     FailureKind.AGENT_ERROR: "The agent answered with an error",
     FailureKind.ABORTED: "The agent call was ended",
+    FailureKind.BREAKER_OPEN: "The agent is unavailable, try again later",
+    FailureKind.BUSY: "The service is answering as many turns as it can, try again in a moment",
 }
 
 

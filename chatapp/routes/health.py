@@ -1,5 +1,5 @@
 """Liveness and readiness probes."""
-from flask import Blueprint
+from flask import Blueprint, current_app
 from sqlalchemy import text
 
 from chatapp import errors
@@ -26,7 +26,11 @@ def healthz():
     tags=("operations",),
 )
 def readyz():
-    """The database answers; a failure becomes 503 service_unavailable through the error handlers."""
+    """The database answers (a failure becomes 503 service_unavailable through the error handlers);
+    the body says how the agent's circuit breaker stands, which is no reason to take this process
+    out of service."""
     db.session.execute(text("SELECT 1"))
     db.session.rollback()
-    return {"status": "ready"}
+    agent = current_app.extensions["chat_service"].agent
+    breakers = getattr(agent, "breakers", {})
+    return {"status": "ready", "agent": breakers["primary"].state if breakers else "closed"}
