@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError
 _DEV_ONLY_SECRET = "chatapp-development-secret-not-for-production"
 _MIN_SECRET_BYTES = 32
 LOG_FORMATS = ("json", "text")
+STREAM_DISCONNECT_CHOICES = ("continue", "cancel")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 PUBLIC_KEY_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -212,6 +213,14 @@ class Config:
         # the claims of a worker that died lapse this long after its last renewal (chatapp/claims.py).
         self.TURN_LEASE_SECONDS = _env_float("TURN_LEASE_SECONDS", 10.0)
         self.METRICS_TOKEN = _env("METRICS_TOKEN")  # None: /metrics is open (keep it on a private network)
+        # Streams (chatapp/chat_service.py, chatapp/turn_log.py): what a client that goes away leads
+        # to; the silence after which a comment keeps proxies from closing; the seconds after which
+        # a stream answers 200 before the agent's first piece (0: it waits for it); how long a
+        # turn's events stay in Redis after it ends, for clients that resume it.
+        self.STREAM_ON_DISCONNECT = _env("STREAM_ON_DISCONNECT", "continue").lower()
+        self.STREAM_KEEPALIVE_SECONDS = _env_float("STREAM_KEEPALIVE_SECONDS", 15.0)
+        self.STREAM_FIRST_BYTE_SECONDS = _env_float("STREAM_FIRST_BYTE_SECONDS", 0.0)
+        self.STREAM_RESUME_SECONDS = _env_float("STREAM_RESUME_SECONDS", 600.0)
 
         self.LOG_LEVEL = _env("LOG_LEVEL", "INFO").upper()
         self.LOG_FORMAT = _env("LOG_FORMAT", self._default_log_format()).lower()
@@ -231,8 +240,11 @@ class Config:
     def validate(self):
         """Raise ConfigError, naming the setting, when these settings cannot serve."""
         for name in ("AGENT_CONNECT_TIMEOUT", "AGENT_TIMEOUT", "AGENT_STREAM_TIMEOUT", "DATABASE_POOL_TIMEOUT",
-                     "REQUEST_READ_TIMEOUT", "TURN_LEASE_SECONDS"):
+                     "REQUEST_READ_TIMEOUT", "TURN_LEASE_SECONDS", "STREAM_KEEPALIVE_SECONDS", "STREAM_RESUME_SECONDS"):
             _require(name, getattr(self, name) > 0, "must be positive")
+        _require("STREAM_FIRST_BYTE_SECONDS", self.STREAM_FIRST_BYTE_SECONDS >= 0, "must not be negative (0: off)")
+        _require("STREAM_ON_DISCONNECT", self.STREAM_ON_DISCONNECT in STREAM_DISCONNECT_CHOICES,
+                 f"must be one of {', '.join(STREAM_DISCONNECT_CHOICES)}")
         for name in ("AGENT_MAX_RESPONSE_BYTES", "MAX_CONTENT_LENGTH", "IDEMPOTENCY_TTL", "DATABASE_POOL_SIZE",
                      "WEB_CONCURRENCY", "GUNICORN_THREADS"):
             _require(name, getattr(self, name) >= 1, "must be at least 1")

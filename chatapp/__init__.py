@@ -1,5 +1,7 @@
 """The chatapp application factory."""
+import functools
 import os
+import threading
 
 import click
 from flask import Flask
@@ -9,12 +11,13 @@ from sqlalchemy.engine import make_url
 from chatapp import cli, errors, log_config, metrics, rate_limit, request_ids
 from chatapp.agent import build_agent
 from chatapp.auth import register_auth
-from chatapp.chat_service import ChatService
+from chatapp.chat_service import ChatService, StreamSettings
 from chatapp.claims import TurnLeases
 from chatapp.context import ContextPolicy
 from chatapp.extensions import db, jwt, ping_idle_connections
 from chatapp.routes import chat, conversations, docs, health
 from chatapp.schemas import render_chat_response
+from chatapp.turn_log import LiveLog
 from config import Config, config_from_env
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
@@ -81,7 +84,7 @@ def register_extensions(app: Flask) -> None:
         CORS(
             app,
             origins=app.config["CORS_ORIGINS"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "X-Request-ID"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed", "WWW-Authenticate"],
             max_age=600,
         )
@@ -116,4 +119,23 @@ def register_chat_service(app: Flask) -> None:
         leases=TurnLeases(engine, config["TURN_LEASE_SECONDS"]),
         render=render_chat_response,
         idempotency_ttl=config["IDEMPOTENCY_TTL"],
+        streams=StreamSettings(
+            on_disconnect=config["STREAM_ON_DISCONNECT"],
+            keepalive_seconds=config["STREAM_KEEPALIVE_SECONDS"],
+            first_byte_seconds=config["STREAM_FIRST_BYTE_SECONDS"],
+            longest_seconds=config["AGENT_STREAM_TIMEOUT"],
+        ),
+        live_log=LiveLog(config["REDIS_URL"], config["STREAM_RESUME_SECONDS"], config["AGENT_STREAM_TIMEOUT"])
+        if config["REDIS_URL"] else None,
+        spawn=functools.partial(in_an_app_thread, app),
     )
+
+
+def in_an_app_thread(app: Flask, work) -> None:
+    """Run a streamed turn's work in a thread of its own, in an app context (its own database
+    session, removed when the context ends)."""
+    def run():
+        with app.app_context():
+            work()
+
+    threading.Thread(target=run, name="chatapp-stream", daemon=True).start()

@@ -3,9 +3,10 @@ the turn in one transaction (step 4). ChatService is built once per app with its
 imports no Flask, so that tests drive it directly with a session factory and an agent of theirs."""
 import json
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -13,13 +14,29 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, scoped_session
 
 from chatapp import idempotency, metrics, queries
-from chatapp.agent import AgentReply, AgentRunner, FailureKind, ReplyStream
-from chatapp.claims import TurnClaims, TurnLeases, claim_conversation, release
+from chatapp.agent import AgentReply, AgentRunner, FailureKind
+from chatapp.agent.cancel import cancellable
+from chatapp.claims import STOP_POLL_SECONDS, TurnClaims, TurnLeases, claim_conversation, release
 from chatapp.context import ContextPolicy
-from chatapp.errors import AgentUnavailable, ConversationBusy
+from chatapp.errors import (
+    AgentUnavailable,
+    ApiError,
+    ConversationBusy,
+    ConversationNotFound,
+    IdempotencyInProgress,
+    NoTurnInProgress,
+    TurnStopped,
+    as_api_error,
+    error_body,
+)
 from chatapp.models import utcnow
 from chatapp.schemas import ChatRequest
-from chatapp.values import conversation_title
+from chatapp.turn_log import DELTA, DONE, ERROR, Event, LiveLog, TurnEvents
+from chatapp.values import FINISHED, STOPPED, conversation_title, parse_conversation_id
+
+# How long a stop waits for the process running the turn to end it, before freeing the
+# conversation itself (that process is gone, or cannot reach the database).
+STOP_WAIT_SECONDS = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +56,7 @@ class Answer:
     created_at: datetime
     usage: dict | None
     model: str
+    finish_reason: str
 
 
 @dataclass(frozen=True)
@@ -90,33 +108,52 @@ class AgentTiming:
             self.ended(error.kind, error.attempts, error.agent)
 
 
+@dataclass(frozen=True)
+class StreamSettings:
+    """How streamed turns behave (config.py's STREAM_ settings)."""
+
+    on_disconnect: str = "continue"  # or "cancel"
+    keepalive_seconds: float = 15.0
+    first_byte_seconds: float = 0.0  # 0: a stream answers once the agent's first piece has come
+    resume_poll_seconds: float = 0.1  # without Redis, how often a resumed stream looks for the end
+    longest_seconds: float = 300.0  # AGENT_STREAM_TIMEOUT: no turn runs longer
+
+
+def _in_a_thread(work: Callable[[], None]) -> None:
+    threading.Thread(target=work, name="chatapp-stream", daemon=True).start()
+
+
 class ChatService:
     """Steps 3 and 4 of every chat turn, with the app's settings."""
 
     def __init__(self, *, sessions: scoped_session, agent: AgentRunner, policy: ContextPolicy, leases: TurnLeases,
-                 render: Callable[[Answer], str], idempotency_ttl: int):
+                 render: Callable[[Answer], str], idempotency_ttl: int, streams: StreamSettings = StreamSettings(),
+                 live_log: LiveLog | None = None, spawn: Callable[[Callable[[], None]], None] = _in_a_thread):
         self.sessions = sessions  # the request's session (db.session) in the app
         self.agent = agent
         self.policy = policy
         self.leases = leases
         self.render = render
         self.idempotency_ttl = idempotency_ttl
+        self.streams = streams
+        self.live_log = live_log  # with REDIS_URL: streams resumable from any process
+        self.spawn = spawn  # runs a streamed turn's thread (in the app, within an app context)
 
     def send(self, user_id: str, request: ChatRequest, *, request_id: str | None = None,
-             note: Callable[..., None] = _no_note) -> "TurnResponse | TurnStream":
-        """The turn of `request`: its idempotency key (a replay answers at once), its conversation,
-        the agent, the turn stored. A streamed turn comes back as a TurnStream once the agent's
-        first piece has arrived; it stores the turn when it ends. `note` takes the log line's fields."""
+             note: Callable[..., None] = _no_note) -> "TurnResponse | TurnStream | ResumedStream":
+        """The turn of `request`: its idempotency key (a replay answers at once; a streamed request
+        for a key still running resumes its stream), its conversation, the agent, the turn stored.
+        A streamed turn comes back as a TurnStream once the agent's first piece has arrived (or
+        STREAM_FIRST_BYTE_SECONDS have passed); its own thread stores the turn when it ends. `note`
+        takes the log line's fields."""
         if self.leases.owes():  # a failed turn's claims, not released yet: their conversation may be this one
             self.leases.pay_owed()
         session = self.sessions()
         claims = TurnClaims()
         if request.idempotency_key:
-            fingerprint = idempotency.request_fingerprint(request.message, request.conversation_id, request.model)
-            outcome = idempotency.claim_key(session, user_id, request.idempotency_key, fingerprint,
-                                            hold_seconds=self.leases.lease_seconds, ttl_seconds=self.idempotency_ttl)
-            if isinstance(outcome, idempotency.Replay):
-                return TurnResponse(outcome.body, replayed=True)
+            outcome = self._claim_key(session, user_id, request)
+            if isinstance(outcome, (TurnResponse, ResumedStream)):
+                return outcome
             claims.key = outcome
             self.leases.hold(claims)
         try:
@@ -126,18 +163,58 @@ class ChatService:
             turn = Turn(user_id, request, claims)
             context = self._context(session, turn)
             if request.stream:
-                return TurnStream.start(self, turn, context, request_id, note)
+                return TurnStream.start(self, turn, context, request_id)
             timing = AgentTiming(note)
             try:
-                reply = self.agent.run(context, request.model, request_id=request_id)
+                with cancellable(claims.stop):
+                    reply = self.agent.run(context, request.model, request_id=request_id)
             except BaseException as error:
                 timing.failed(error)
-                raise
+                raise TurnStopped() if claims.stop.cancelled else error
+            if claims.stop.cancelled:  # the answer came as the stop did: the stop wins
+                raise TurnStopped()
             timing.ended(None, reply.attempts, reply.agent)
             return self.store(turn, reply)
         except BaseException:
             self.release(claims)
             raise
+
+    def _claim_key(self, session: Session, user_id: str, request: ChatRequest):
+        """The request's idempotency key held for this run (a KeyClaim), or the answer without a run:
+        the replay, or, for a streamed request, the events of the run in progress or just ended."""
+        fingerprint = idempotency.request_fingerprint(request.message, request.conversation_id, request.model)
+        last_id = request.last_event_id or 0
+        waited_until = time.monotonic() + self.streams.longest_seconds
+        while True:
+            try:
+                outcome = idempotency.claim_key(session, user_id, request.idempotency_key, fingerprint,
+                                                hold_seconds=self.leases.lease_seconds, ttl_seconds=self.idempotency_ttl)
+            except IdempotencyInProgress:
+                if not request.stream:
+                    raise
+                session.rollback()
+                live = self._follow(user_id, request, last_id)
+                if live is not None:
+                    return live
+                if time.monotonic() >= waited_until:
+                    raise
+                # Without Redis (or a copy of its events), the resumed stream waits for the run's end.
+                time.sleep(self.streams.resume_poll_seconds)
+                continue
+            if isinstance(outcome, idempotency.Replay):
+                if request.stream:
+                    live = self._follow(user_id, request, last_id)  # its events, while Redis keeps them
+                    if live is not None:
+                        return live
+                return TurnResponse(outcome.body, replayed=True)
+            return outcome
+
+    def _follow(self, user_id: str, request: ChatRequest, last_id: int) -> "ResumedStream | None":
+        if self.live_log is None:
+            return None
+        events = self.live_log.follow(user_id, request.idempotency_key, last_id, self.streams.keepalive_seconds,
+                                      self.streams.longest_seconds)
+        return ResumedStream(events) if events is not None else None
 
     def _context(self, session: Session, turn: Turn) -> list[dict]:
         """Step 4's input: the kept history and the new message. Commits the claim and ends the
@@ -148,6 +225,29 @@ class ChatService:
                                              self.policy.max_chars)
         session.commit()
         return self.policy.messages(history, turn.request.message)
+
+    def stop(self, user_id: str, conversation_id: str, wait_seconds: float = STOP_WAIT_SECONDS) -> None:
+        """Stop the turn in flight on the user's conversation, wherever it runs: mark it, wait for the
+        process running it to end it (its lease thread looks every STOP_POLL_SECONDS), and free the
+        conversation if it has not by then (that process is gone, or cannot reach the database).
+        404 for a conversation that is not the user's, 409 when no turn is in flight."""
+        session = self.sessions()
+        parsed_id = parse_conversation_id(conversation_id)
+        token = queries.request_stop(session, user_id, parsed_id, utcnow())
+        session.commit()
+        if token is None:
+            if not queries.conversation_exists(session, user_id, parsed_id):
+                raise ConversationNotFound()
+            raise NoTurnInProgress()
+        ends_at = time.monotonic() + wait_seconds
+        while time.monotonic() < ends_at:
+            if queries.claim_token(session, parsed_id) != token:
+                session.rollback()
+                return
+            session.rollback()
+            time.sleep(STOP_POLL_SECONDS / 5)
+        queries.release_conversation(session, parsed_id, token)
+        session.commit()
 
     def store(self, turn: Turn, reply: AgentReply) -> TurnResponse:
         """Store the conversation (if new), both messages and the idempotency record in one short
@@ -167,13 +267,14 @@ class ChatService:
         message_id, model = uuid.uuid4(), reply.model or turn.request.model
         body = self.render(Answer(conversation_id=str(conversation_id), message_id=str(message_id),
                                   message=reply.content, role="assistant", created_at=answered_at,
-                                  usage=reply.usage, model=model))
+                                  usage=reply.usage, model=model, finish_reason=reply.finish_reason))
         try:
             queries.insert_messages(session, [
                 {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": first_seq, "role": "user",
-                 "content": turn.request.message, "created_at": turn.asked_at, "model": None},
+                 "content": turn.request.message, "created_at": turn.asked_at, "model": None, "finish_reason": None},
                 {"id": message_id, "conversation_id": conversation_id, "seq": first_seq + 1, "role": "assistant",
-                 "content": reply.content, "created_at": answered_at, "model": model},
+                 "content": reply.content, "created_at": answered_at, "model": model,
+                 "finish_reason": reply.finish_reason},
             ])
         except IntegrityError:
             # The unique (conversation_id, seq) index: the last guard against interleaved turns.
@@ -202,65 +303,121 @@ class ChatService:
 
 
 class TurnStream:
-    """A turn whose answer is still arriving from the agent. Iterate for its pieces; then finish()
-    stores it, or abort() (a failure, a client gone) stores nothing and frees its claims."""
+    """A streamed turn, run by a thread of its own from the agent's first piece to the stored turn.
+    Its events (chatapp/turn_log.py) are what its client reads, and, through Redis, what a client
+    that resumes it reads. The client may go away: the turn runs on and is stored
+    (STREAM_ON_DISCONNECT=continue), or is cancelled and stores nothing. A user's stop ends it
+    with what it has received (finish_reason `stopped`), or nothing before its first piece."""
 
-    def __init__(self, service: ChatService, turn: Turn, agent_stream: ReplyStream, first_piece: str, timing: AgentTiming):
+    def __init__(self, service: ChatService, turn: Turn, context: list[dict], request_id: str | None):
         self._service = service
         self.turn = turn
-        self._agent_stream = agent_stream
-        self._first_piece = first_piece
-        self._timing = timing
-        self._pieces: list[str] = []
-        self._ended = False
+        self._context = context
+        self._request_id = request_id
+        live = None
+        if service.live_log is not None and turn.request.idempotency_key:
+            live = service.live_log.publisher(turn.user_id, turn.request.idempotency_key)
+        self.events = TurnEvents(live)
+        self.failure: ApiError | None = None  # a failure before the first piece: an ordinary error response
+        self._client_gone = False
 
     @classmethod
-    def start(cls, service: ChatService, turn: Turn, context: list[dict], request_id: str | None,
-              note: Callable[..., None]) -> "TurnStream":
-        """Open the agent's stream and wait for its first piece: a failure until then is an
-        ordinary error response (AgentUnavailable), not a broken stream."""
-        timing = AgentTiming(note)
-        agent_stream = None
-        try:
-            agent_stream = service.agent.stream(context, turn.request.model, request_id=request_id)
-            first_piece = next(iter(agent_stream), "")
-        except BaseException as error:
-            if agent_stream is not None:
-                agent_stream.close()
-            timing.failed(error)
-            raise
-        return cls(service, turn, agent_stream, first_piece, timing)
+    def start(cls, service: ChatService, turn: Turn, context: list[dict], request_id: str | None) -> "TurnStream":
+        """Start the turn's thread and wait for the agent's first piece (or STREAM_FIRST_BYTE_SECONDS):
+        a failure until then is an ordinary error response (AgentUnavailable), not a broken stream."""
+        stream = cls(service, turn, context, request_id)
+        service.spawn(stream._run)
+        stream.events.first_piece.wait(service.streams.first_byte_seconds or None)
+        if stream.failure is not None:
+            raise stream.failure
+        return stream
 
-    def __iter__(self):
-        """The assistant message, piece by piece as the agent writes it."""
-        if self._first_piece:
-            self._pieces.append(self._first_piece)
-            yield self._first_piece
-        for piece in self._agent_stream:
-            self._pieces.append(piece)
-            yield piece
-
-    def finish(self) -> TurnResponse:
-        """Store the complete turn, once the agent's stream has ended."""
-        self._ended = True
-        stream = self._agent_stream
-        agent = getattr(stream, "agent", "primary")
-        self._timing.ended(None, stream.attempts, agent)
-        reply = AgentReply("".join(self._pieces), stream.usage, stream.attempts, getattr(stream, "model", None), agent)
+    def follow(self, last_id: int = 0) -> Iterator[Event | None]:
+        """The turn's events after `last_id` as they come (None after STREAM_KEEPALIVE_SECONDS of
+        silence); closing it before the end is the client going away."""
         try:
-            return self._service.store(self.turn, reply)
-        except BaseException:
-            self._service.release(self.turn.claims)
+            while True:
+                events = self.events.after(last_id, self._service.streams.keepalive_seconds)
+                if not events:
+                    yield None
+                for event in events:
+                    yield event
+                    last_id = event.id
+                if events and events[-1].final:
+                    return
+        except GeneratorExit:
+            if not self.events.ended and self._service.streams.on_disconnect == "cancel":
+                self._client_gone = True
+                self.turn.claims.stop.cancel()
             raise
 
-    def abort(self, error: Exception | None = None) -> None:
-        """End the agent call and store nothing; the conversation and the key are free again."""
-        if self._ended:
-            return
-        self._ended = True
-        self._agent_stream.close()
-        if isinstance(error, AgentUnavailable):
-            self._timing.failed(error)
-        else:
-            self._timing.ended(FailureKind.ABORTED, self._agent_stream.attempts, getattr(self._agent_stream, "agent", None))
+    def _run(self) -> None:
+        """The turn's thread: the agent's pieces to the events, then the turn stored (or released)."""
+        try:
+            self._answer()
+        finally:
+            self._service.sessions.remove()  # this thread's session
+
+    def _answer(self) -> None:
+        pieces: list[str] = []
+        timing = AgentTiming(_no_note)
+        agent_stream, cut = None, False
+        with metrics.TURNS_IN_FLIGHT.track_inprogress(), cancellable(self.turn.claims.stop):
+            try:
+                agent_stream = self._service.agent.stream(self._context, self.turn.request.model,
+                                                          request_id=self._request_id)
+                with agent_stream:
+                    for piece in agent_stream:
+                        pieces.append(piece)
+                        self.events.append(DELTA, delta_data(piece))
+            except BaseException as error:
+                stopped = self.turn.claims.stop.cancelled
+                timing.failed(error) if not stopped else timing.ended(FailureKind.STOPPED, None, None)
+                if not (stopped and pieces and not self._client_gone):
+                    self._fail(TurnStopped() if stopped and not self._client_gone else error)
+                    return
+                cut = True  # stopped by the user: what came is the answer
+            else:
+                timing.ended(None, agent_stream.attempts, getattr(agent_stream, "agent", "primary"))
+            stopped = self.turn.claims.stop.cancelled
+            if stopped and self._client_gone:
+                self._fail(TurnStopped())
+                return
+            reply = AgentReply("".join(pieces), agent_stream.usage if agent_stream else None,
+                               agent_stream.attempts if agent_stream else 1, getattr(agent_stream, "model", None),
+                               getattr(agent_stream, "agent", "primary"),
+                               STOPPED if cut else getattr(agent_stream, "finish_reason", FINISHED))
+            try:
+                stored = self._service.store(self.turn, reply)
+            except BaseException as error:
+                self._fail(error)
+                return
+            self.events.append(DONE, stored.body)
+
+    def _fail(self, error: BaseException) -> None:
+        """Store nothing, free the claims; the client hears of it as an error response (nothing sent
+        yet) or as the stream's `error` event."""
         self._service.release(self.turn.claims)
+        api_error = as_api_error(error)
+        if not self.events.first_piece.is_set():
+            self.failure = api_error
+        self.events.append(ERROR, json.dumps(error_body(api_error, self._request_id), separators=(",", ":")))
+
+
+class ResumedStream:
+    """A resumed stream's events, from Redis: `follow()` as TurnStream's."""
+
+    def __init__(self, events: Iterator[Event | None]):
+        self._events = events
+
+    def follow(self, last_id: int = 0) -> Iterator[Event | None]:
+        return self._events
+
+
+def delta_data(piece: str) -> str:
+    return json.dumps({"content": piece}, separators=(",", ":"))
+
+
+def replay_events(replay: TurnResponse) -> list[Event]:
+    """A finished turn, streamed again: its whole message as one delta, then done."""
+    return [Event(1, DELTA, delta_data(replay.message)), Event(2, DONE, replay.body)]

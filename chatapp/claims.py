@@ -5,18 +5,23 @@ back (the database was the failure) are given back as soon as the database answe
 So a worker that dies frees its claims once their lease lapses (seconds, not the agent's deadline
 plus a margin), and after a database outage the conversations and keys of the turns that failed
 during it are free within a moment of the database's return, instead of waiting out their hold.
+
+The same thread watches for stops (POST .../stop marks the conversation, in whichever process or
+host it is served): while turns of this process hold conversations, one query every
+STOP_POLL_SECONDS finds those asked to stop, and their agent calls are cancelled.
 """
 import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from chatapp import queries
+from chatapp.agent.cancel import Cancellation
 from chatapp.errors import ConversationBusy, ConversationNotFound
 from chatapp.idempotency import KeyClaim, release_key
 from chatapp.models import utcnow
@@ -29,6 +34,8 @@ RETRY_SECONDS = 0.25
 # A lease is renewed every quarter of it: three renewals may fail in a row (a blip) before another
 # process may take the claim over.
 RENEWALS_PER_LEASE = 4
+# A stop is seen within this (and the stop's own commit): the contract gives a second.
+STOP_POLL_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -42,10 +49,13 @@ class ClaimedConversation:
 
 @dataclass(eq=False)  # each turn's own: compared, and hashed, by identity
 class TurnClaims:
-    """What one turn holds: its idempotency key and its conversation, once claimed."""
+    """What one turn holds: its idempotency key and its conversation, once claimed; and how its
+    agent call is ended when a user stops the turn."""
 
     key: KeyClaim | None = None
     conversation: ClaimedConversation | None = None
+    stop: Cancellation = field(default_factory=Cancellation)
+    since: float = field(default_factory=time.monotonic)
 
 
 def claim_conversation(session: Session, user_id: str, conversation_id: str, lease_seconds: float) -> ClaimedConversation:
@@ -87,6 +97,8 @@ class TurnLeases:
         with self._lock:
             self._live.add(claims)
             self._start()
+        if claims.conversation is not None:
+            self._wake.set()  # a sleeping thread looks for stops from now on
 
     def let_go(self, claims: TurnClaims) -> None:
         """The turn stored or released its claims: renew them no more."""
@@ -130,13 +142,39 @@ class TurnLeases:
                     self._thread = None
                     return
                 owing = bool(self._owed)
+                holding = any(claims.conversation for claims in self._live)
             if owing:
                 self.pay_owed()
+            if holding:
+                self._poll_stops()
             if self._clock() >= next_renewal:
                 self._renew()
                 next_renewal = self._clock() + renew_every
             self._wake.clear()
-            self._wake.wait(RETRY_SECONDS if self.owes() else max(0.0, next_renewal - self._clock()))
+            wait = max(0.0, next_renewal - self._clock())
+            if self.owes():
+                wait = min(wait, RETRY_SECONDS)
+            if holding:
+                wait = min(wait, STOP_POLL_SECONDS)
+            self._wake.wait(wait)
+
+    def _poll_stops(self) -> None:
+        # A turn younger than a poll is not looked for yet: most end before a stop could reach them.
+        young = self._clock() - STOP_POLL_SECONDS
+        with self._lock:
+            held = {(claims.conversation.id, claims.conversation.token): claims
+                    for claims in self._live if claims.conversation and not claims.stop.cancelled and claims.since <= young}
+        if not held:
+            return
+        try:
+            with Session(self.engine) as session:
+                stopped = queries.stops_requested(session, list(held))
+        except Exception as exc:  # the database is down: the next poll may see the stop
+            self._warn(f"could not look for stopped turns: {type(exc).__name__}")
+            return
+        for pair in stopped:
+            log.info("stopping the turn on conversation %s, as asked", pair[0])
+            held[pair].stop.cancel()
 
     def _renew(self) -> None:
         with self._lock:

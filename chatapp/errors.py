@@ -85,6 +85,14 @@ class ConversationBusy(ApiError):
     retry_after = 1
 
 
+class TurnStopped(ApiError):
+    status, code, detail = 409, "turn_stopped", "The turn was stopped before the agent's answer began"
+
+
+class NoTurnInProgress(ApiError):
+    status, code, detail = 409, "no_turn_in_progress", "No turn of this conversation is in progress"
+
+
 class IdempotencyInProgress(ApiError):
     status, code, detail = 409, "idempotency_in_progress", "A request with this idempotency key is in progress"
     retry_after = 1

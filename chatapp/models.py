@@ -33,7 +33,8 @@ class Conversation(db.Model):
     """One user's conversation; `message_count` is also the last sequence number used.
 
     A turn in flight holds the conversation through `claim_token` until `claimed_until`, so that
-    turns of one conversation never interleave, across processes and hosts."""
+    turns of one conversation never interleave, across processes and hosts; `stop_requested` set
+    to that token asks the process running the turn to stop it."""
 
     __tablename__ = "conversations"
     # Serves the conversation list: one user's, most recently active first, paged by (updated_at, id).
@@ -47,11 +48,12 @@ class Conversation(db.Model):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    stop_requested: Mapped[uuid.UUID | None] = mapped_column(Uuid)  # the claim token of a turn asked to stop
 
 
 class Message(db.Model):
     """One message of a conversation; `seq` runs 1, 2, 3... without gaps; an assistant message
-    keeps the model that answered (the fallback agent's, when it answered)."""
+    keeps the model that answered (the fallback agent's, when it answered) and why it ended."""
 
     __tablename__ = "messages"
     # The unique (conversation_id, seq) index serves the history query and forbids interleaved turns.
@@ -64,6 +66,7 @@ class Message(db.Model):
     content: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     model: Mapped[str | None] = mapped_column(String(MODEL_MAX_CHARS))  # an answer's: the model that gave it
+    finish_reason: Mapped[str | None] = mapped_column(String(16))  # an answer's: stop, length or stopped
 
 
 class IdempotencyKey(db.Model):

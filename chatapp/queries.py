@@ -149,6 +149,34 @@ def renew_claims(session: Session, conversations_held: list[tuple[uuid.UUID, uui
             {"owner": owner, "name": name, "token": token, "until": until} for owner, name, token in keys_held])
 
 
+def request_stop(session: Session, user_id: str, conversation_id: uuid.UUID, now: datetime) -> uuid.UUID | None:
+    """Ask the turn holding the user's conversation to stop: the token of its claim, or None when
+    no turn holds it (or it is not the user's)."""
+    return session.scalar(
+        update(conversations)
+        .where(conversations.c.id == conversation_id, conversations.c.user_id == user_id,
+               conversations.c.claim_token.is_not(None), conversations.c.claimed_until >= now)
+        .values(stop_requested=conversations.c.claim_token)
+        .returning(conversations.c.claim_token)
+    )
+
+
+def claim_token(session: Session, conversation_id: uuid.UUID) -> uuid.UUID | None:
+    """The token of the claim on the conversation now (None: free)."""
+    return session.scalar(select(conversations.c.claim_token).where(conversations.c.id == conversation_id))
+
+
+def stops_requested(session: Session, held: list[tuple[uuid.UUID, uuid.UUID]]) -> set[tuple[uuid.UUID, uuid.UUID]]:
+    """Of the (conversation id, claim token) pairs held by this process's turns, those asked to stop:
+    one statement, by primary key."""
+    rows = session.execute(
+        select(conversations.c.id, conversations.c.claim_token)
+        .where(conversations.c.id.in_([conversation_id for conversation_id, _ in held]),
+               conversations.c.stop_requested == conversations.c.claim_token)
+    )
+    return set(rows.tuples()) & set(held)
+
+
 def release_conversation(session: Session, conversation_id: uuid.UUID, token: uuid.UUID) -> None:
     """Give the conversation back after a failed turn (only if the claim is still ours)."""
     session.execute(
@@ -262,6 +290,7 @@ class StoredMessage(NamedTuple):
     content: str
     created_at: datetime
     model: str | None
+    finish_reason: str | None
 
 
 _SUMMARY_COLUMNS = (
@@ -294,7 +323,7 @@ def find_conversation_summary(session: Session, user_id: str, conversation_id: u
 def list_messages(session: Session, conversation_id: uuid.UUID, limit: int, before_seq: int | None) -> list[StoredMessage]:
     """Up to `limit` messages just before sequence number `before_seq` (the latest when None),
     newest first: one range scan of the (conversation_id, seq) index."""
-    query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at, Message.model).where(
+    query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at, Message.model, Message.finish_reason).where(
         Message.conversation_id == conversation_id
     )
     if before_seq is not None:

@@ -11,6 +11,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, valid
 
 from chatapp.values import (
     CONVERSATION_ID_MAX_CHARS,
+    FINISH_REASONS,
     IDEMPOTENCY_KEY_MAX_CHARS,
     MESSAGE_MAX_CHARS,
     MODEL_MAX_CHARS,
@@ -107,11 +108,11 @@ class ChatRequestSchema(Schema):
             result["model"] = self.default_model
         return result
 
-    def load_chat_request(self, body, idempotency_header: str | None) -> "ChatRequest":
-        """The body (and the Idempotency-Key header) as a ChatRequest, or ValidationError."""
+    def load_chat_request(self, body, idempotency_header: str | None, last_event_header: str | None = None) -> "ChatRequest":
+        """The body (and the Idempotency-Key and Last-Event-ID headers) as a ChatRequest, or ValidationError."""
         loaded = self.load(body)
         key = idempotency_key(idempotency_header, loaded.pop("request_id"))
-        return ChatRequest(**loaded, idempotency_key=key)
+        return ChatRequest(**loaded, idempotency_key=key, last_event_id=last_event_id(last_event_header))
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,19 @@ class ChatRequest:
     model: str
     stream: bool
     idempotency_key: str | None = None
+    last_event_id: int | None = None  # a resumed stream's: the last event the client saw
+
+
+LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,9}")
+
+
+def last_event_id(header: str | None) -> int | None:
+    """The Last-Event-ID header of a resumed stream: an event number, 0 to 999,999,999."""
+    if header is None:
+        return None
+    if not LAST_EVENT_ID_PATTERN.fullmatch(header.strip()):
+        raise ValidationError({"Last-Event-ID": ["Must be the number of an event of the stream."]})
+    return int(header)
 
 
 class PathUserSchema(Schema):
@@ -143,6 +157,8 @@ class ChatResponseSchema(Schema):
     usage = fields.Dict(allow_none=True, required=True)
     message_id = fields.String(required=True)
     model = fields.String(required=True)
+    finish_reason = fields.String(required=True, validate=validate.OneOf(FINISH_REASONS), metadata={
+        "description": "stop: the agent finished; length: the agent hit its token limit; stopped: the user stopped the turn"})
 
 
 _CHAT_RESPONSE = ChatResponseSchema()
@@ -227,12 +243,20 @@ class MessageSchema(Schema):
     created_at = fields.DateTime(format="iso", required=True)
     model = fields.String(allow_none=True, metadata={"description": "An assistant message's: the model that answered "
                                                      "(null for answers stored before it was kept); absent on user messages"})
+    finish_reason = fields.String(allow_none=True, validate=validate.OneOf(FINISH_REASONS), metadata={
+        "description": "An assistant message's: stop, length or stopped (null for answers stored before it was kept); "
+                       "absent on user messages"})
 
     @post_dump
-    def only_answers_have_a_model(self, data, **_kwargs):
+    def only_answers_say_how_they_came(self, data, **_kwargs):
         if data["role"] != "assistant":
-            del data["model"]
+            del data["model"], data["finish_reason"]
         return data
+
+
+class StopResponseSchema(Schema):
+    conversation_id = fields.UUID(required=True)
+    stopped = fields.Boolean(required=True)
 
 
 class MessageListSchema(Schema):

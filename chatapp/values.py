@@ -11,6 +11,9 @@ CONVERSATION_ID_MAX_CHARS = 64
 MODEL_MAX_CHARS = 255
 IDEMPOTENCY_KEY_MAX_CHARS = 255
 TITLE_MAX_CHARS = 80
+# Why an answer ended: the agent finished; it hit its token limit; the user stopped the turn.
+FINISHED, CUT_AT_LENGTH, STOPPED = "stop", "length", "stopped"
+FINISH_REASONS = (FINISHED, CUT_AT_LENGTH, STOPPED)
 
 
 def unstorable(text: str) -> str | None:

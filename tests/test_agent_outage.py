@@ -10,7 +10,7 @@ import requests
 
 from tests.conftest import TEST_SECRET, AuthActions, Chat
 from tests.support.agent import AgentServer, Echo, Hang, Raw, Stream, closed_port_url
-from tests.support.assertions import assert_error, metric
+from tests.support.assertions import assert_error, metric, sse_events
 from tests.support.live_server import LiveServer
 
 DEADLINE = 0.4
@@ -169,7 +169,7 @@ def test_both_down_is_503(app, chat, with_fallback, agent_server, fallback_serve
 
 def events(response):
     text = response.get_data(as_text=True)
-    return [block.split("\n")[0].removeprefix("event: ") for block in text.strip().split("\n\n")], text
+    return [event for _, event, _ in sse_events(text)], text
 
 
 def test_a_stream_falls_back_only_before_its_first_piece(chat, with_fallback, agent_server, fallback_server, store):

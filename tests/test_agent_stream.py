@@ -58,6 +58,7 @@ def test_pieces_usage_and_request(server, agent):
         pieces, error, _ = read_all(stream)
 
     assert (pieces, error, stream.usage, stream.attempts) == (["Hel", "lo", "!"], None, USAGE, 1)
+    assert stream.finish_reason == "stop"
     [request] = server.requests
     assert request.path == "/v1/chat/completions"
     assert request.json == {
@@ -66,6 +67,13 @@ def test_pieces_usage_and_request(server, agent):
     assert request.headers["Authorization"] == f"Bearer {API_KEY}"
     assert request.headers["X-Request-ID"] == "req-123"
     assert request.headers["Content-Type"] == "application/json"
+
+
+def test_the_agents_finish_reason_length_is_kept(server, agent):
+    server.enqueue(Stream(("Cut", " sho"), finish_reason="length"))
+    with agent.stream(MESSAGES, "gpt-4") as stream:
+        pieces, error, _ = read_all(stream)
+    assert (pieces, error, stream.finish_reason) == (["Cut", " sho"], None, "length")
 
 
 def test_no_key_sends_no_authorization_and_no_usage_is_none(server, make_agent):

@@ -19,7 +19,8 @@ def test_new_conversation(chat, agent_server, store):
 
     assert response.status_code == 200
     body = response.get_json()
-    assert list(body) == ["conversation_id", "message", "role", "created_at", "usage", "message_id", "model"]
+    assert list(body) == ["conversation_id", "message", "role", "created_at", "usage", "message_id", "model", "finish_reason"]
+    assert body["finish_reason"] == "stop"
     assert body["message"] == "Hello! How can I help?"
     assert body["role"] == "assistant"
     assert body["model"] == "gpt-4"
@@ -39,6 +40,15 @@ def test_new_conversation(chat, agent_server, store):
     assert store.messages(body["conversation_id"]) == [(1, "user", "Hi there"), (2, "assistant", "Hello! How can I help?")]
     conversation = store.conversation(body["conversation_id"])
     assert (conversation.user_id, conversation.title, conversation.message_count) == ("alice", "Hi there", 2)
+
+
+@pytest.mark.parametrize("agent_says, kept", [("length", "length"), ("stop", "stop"), ("content_filter", "stop"), (None, "stop")])
+def test_finish_reason_comes_from_the_agent_and_is_stored(chat, agent_server, agent_says, kept, client, auth):
+    agent_server.enqueue(Reply("Cut sho", finish_reason=agent_says))
+    body = chat.turn("Write me a long story")
+    assert body["finish_reason"] == kept
+    stored = client.get(f"/api/alice/conversations/{body['conversation_id']}/messages", headers=auth.headers()).get_json()
+    assert [m.get("finish_reason") for m in stored["messages"]] == [None, kept]
 
 
 def test_continued_conversation_sends_history(chat, agent_server, store):

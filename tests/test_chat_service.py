@@ -1,13 +1,14 @@
 """ChatService driven directly: no HTTP, no app context; a session factory on the test database and
 an agent of the test's own (the service takes both as arguments)."""
 import json
+import threading
 
 import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import scoped_session, sessionmaker
 
 from chatapp.agent import AgentReply, ReadyStream
-from chatapp.chat_service import ChatService, TurnResponse, TurnStream
+from chatapp.chat_service import ChatService, StreamSettings, TurnResponse, TurnStream
 from chatapp.claims import TurnLeases
 from chatapp.context import ContextPolicy
 from chatapp.errors import AgentUnavailable, ConversationBusy, ConversationNotFound, IdempotencyKeyReused
@@ -32,7 +33,29 @@ class ScriptedAgent:
         return AgentReply(self._answer(messages), {"total_tokens": 3}, 1)
 
     def stream(self, messages, model, request_id=None):
-        return ReadyStream(self._answer(messages).split(" "), None, 2)
+        answer = self._answer(messages).split(" ")
+        if self.gate is None:
+            return ReadyStream(answer, None, 2)
+        return GatedStream(answer, self.gate)
+
+    gate: threading.Event | None = None  # when set: a stream's pieces after the first wait for it
+
+
+class GatedStream(ReadyStream):
+    """The first piece at once, the others once `gate` is set; closing it ends it."""
+
+    def __init__(self, pieces, gate):
+        super().__init__(pieces, None, 1)
+        self._gate, self._given, self.closed = gate, 0, False
+
+    def __next__(self):
+        if self._given and not self._gate.wait(5) or self.closed:
+            raise StopIteration
+        self._given += 1
+        return super().__next__()
+
+    def close(self):
+        self.closed = True
 
 
 @pytest.fixture
@@ -130,29 +153,47 @@ def test_unknown_or_another_users_conversation_is_not_found(service, agent):
     assert len(agent.calls) == 1
 
 
-def test_a_stream_stores_when_it_ends_and_nothing_when_aborted(service, agent, sessions):
+def events_of(stream):
+    return [event for event in stream.follow() if event is not None]
+
+
+def test_a_stream_is_stored_by_its_own_thread_with_numbered_events(service, agent, sessions):
     turn = service.send("alice", ask("streamed answer", stream=True))
     assert isinstance(turn, TurnStream)
-    assert stored(sessions) == (0, 0, 0)  # not while the pieces come
-    pieces = list(turn)
+    events = events_of(turn)
+    assert [(event.id, event.name) for event in events] == [(1, "delta"), (2, "delta"), (3, "delta"), (4, "done")]
+    pieces = [json.loads(event.data)["content"] for event in events[:-1]]
     assert pieces == ["re:", "streamed", "answer"]
-    done = turn.finish()
-    assert json.loads(done.body)["message"] == "".join(pieces)
-    conversation_id = done.conversation_id
-    assert stored(sessions) == (1, 2, 0)
+    done = json.loads(events[-1].data)
+    assert (done["message"], done["finish_reason"]) == ("re:streamedanswer", "stop")
+    assert stored(sessions) == (1, 2, 0)  # the done event comes after the commit
 
-    aborted = service.send("alice", ask("cut short", conversation_id, key="k-3", stream=True))
-    next(iter(aborted))
-    aborted.abort()
-    assert stored(sessions) == (1, 2, 0)
-    assert not service.send("alice", ask("cut short", conversation_id, key="k-3")).replayed  # the key is free
+
+@pytest.mark.parametrize("on_disconnect, kept", [("continue", (1, 2, 1)), ("cancel", (0, 0, 0))])
+def test_a_client_that_goes_away(service, agent, sessions, on_disconnect, kept):
+    service.streams = StreamSettings(on_disconnect=on_disconnect, keepalive_seconds=0.05)
+    agent.gate = threading.Event()
+    turn = service.send("alice", ask("cut short", key="k-3", stream=True))
+    following = turn.follow()
+    assert next(following).name == "delta"
+    following.close()  # the client went away
+    agent.gate.set()
+    for _ in range(500):  # the turn's thread ends it, within moments
+        if turn.events.ended:
+            break
+        threading.Event().wait(0.01)
+    assert turn.events.ended
+    assert stored(sessions) == kept
+    again = service.send("alice", ask("cut short", key="k-3"))
+    assert again.replayed is (on_disconnect == "continue")  # cancelled: the key is free
 
 
 def test_a_second_turn_while_the_first_holds_the_conversation_is_busy(service, agent, sessions):
     conversation_id = json.loads(service.send("alice", ask("start")).body)["conversation_id"]
+    agent.gate = threading.Event()
     held = service.send("alice", ask("first", conversation_id, stream=True))  # holds it until it ends
     with pytest.raises(ConversationBusy):
         service.send("alice", ask("second", conversation_id))
-    list(held)
-    held.finish()
+    agent.gate.set()
+    events_of(held)
     assert json.loads(service.send("alice", ask("third", conversation_id)).body)["message"] == "re: third"

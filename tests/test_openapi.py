@@ -20,6 +20,7 @@ OPERATIONS = {
     ("/api/{user_id}/conversations/{conversation_id}", "get"): {"200", "400", "401", "403", "404", "500", "503"},
     ("/api/{user_id}/conversations/{conversation_id}", "delete"): {"204", "400", "401", "403", "404", "409", "500", "503"},
     ("/api/{user_id}/conversations/{conversation_id}/messages", "get"): {"200", "400", "401", "403", "404", "500", "503"},
+    ("/api/{user_id}/conversations/{conversation_id}/stop", "post"): {"200", "400", "401", "403", "404", "409", "500", "503"},
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
     ("/metrics", "get"): {"200"},
@@ -100,7 +101,7 @@ def test_chat_documents_replays_and_the_probes_their_bodies(document):
 
 def test_errors_use_the_error_schema_and_say_their_codes(document):
     chat = document["paths"]["/api/{user_id}/chat"]["post"]["responses"]
-    assert chat["409"]["description"] == "`conversation_busy` or `idempotency_in_progress`"
+    assert chat["409"]["description"] == "`conversation_busy` or `idempotency_in_progress` or `turn_stopped`"
     assert chat["503"]["description"] == "`agent_unavailable` or `service_unavailable`"
     assert "Retry-After" in chat["503"]["headers"] and "WWW-Authenticate" in chat["401"]["headers"]
     for status in ("400", "401", "404", "503"):
@@ -123,7 +124,9 @@ def test_schemas_come_from_the_validating_schemas(document):
     assert set(parameters["/api/{user_id}/conversations/{conversation_id}/messages"]) == set(MessageListQuerySchema().fields)
     chat_ok = document["paths"]["/api/{user_id}/chat"]["post"]["responses"]["200"]["content"]
     assert set(chat_ok) == {"application/json", "text/event-stream"}
-    assert set(schemas["ChatResponse"]["required"]) == {"conversation_id", "message", "role", "created_at", "usage", "message_id", "model"}
+    assert set(schemas["ChatResponse"]["required"]) == {"conversation_id", "message", "role", "created_at", "usage", "message_id", "model",
+                                                        "finish_reason"}
+    assert schemas["ChatResponse"]["properties"]["finish_reason"]["enum"] == ["stop", "length", "stopped"]
 
 
 def test_swagger_ui_is_served_offline(client):

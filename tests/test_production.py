@@ -262,45 +262,6 @@ def test_metrics_are_open_without_a_token(client):
     assert client.get("/metrics", headers={"Authorization": "Bearer anything"}).status_code == 200
 
 
-@pytest.fixture
-def own_redis(request, tmp_path):
-    """A Redis server of the test's own, on a free port, to freeze (SIGSTOP) and thaw."""
-    import shutil
-    import signal
-    import subprocess
-
-    from tests.conftest import skip_or_fail
-    from tests.support.processes import free_port
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        skip_or_fail(request, "redis-server is not installed")
-    port = free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    client = redis.Redis(port=port, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.RedisError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
-        freeze = staticmethod(lambda: process.send_signal(signal.SIGSTOP))
-        thaw = staticmethod(lambda: process.send_signal(signal.SIGCONT))
-
-    yield Server
-    process.send_signal(signal.SIGCONT)
-    process.terminate()
-    process.wait(timeout=10)
-
-
 def test_a_frozen_redis_costs_one_timeout_then_turns_keep_their_latency(own_redis, database_uri, agent_server, auth, caplog):
     app = make_app(SQLALCHEMY_DATABASE_URI=database_uri, AGENT_URL=agent_server.url, REDIS_URL=own_redis.url,
                    RATE_LIMIT="5 per minute")

@@ -8,13 +8,20 @@ import requests
 
 from tests.support.agent import Raw, Stream, StreamEcho
 from tests.conftest import TEST_SECRET, AuthActions
+from tests.support.assertions import sse_events
 from tests.support.live_server import LiveServer
 
 AGENT_TIMEOUT = 1.0
 
 
 @pytest.fixture
-def server(database_uri, agent_server):
+def stream_settings():
+    """More settings of the server under test (a test overrides it)."""
+    return {}
+
+
+@pytest.fixture
+def server(database_uri, agent_server, stream_settings):
     agent_server.default = StreamEcho()
     env = {
         "DATABASE_URL": database_uri,
@@ -24,6 +31,7 @@ def server(database_uri, agent_server):
         "AGENT_STREAM_TIMEOUT": "20",
         "AGENT_MAX_RETRIES": "0",
         "RATE_LIMIT": "10000 per minute",
+        **stream_settings,
     }
     with LiveServer(env, threads=8) as live:
         yield live
@@ -86,7 +94,8 @@ def test_deltas_arrive_while_the_agent_is_still_writing(server, agent_server):
     assert event == "done"
     done = json.loads(data)
     assert "".join(deltas) == "Hello world" == done["message"]
-    assert set(done) == {"conversation_id", "message", "role", "created_at", "usage", "message_id", "model"}
+    assert set(done) == {"conversation_id", "message", "role", "created_at", "usage", "message_id", "model", "finish_reason"}
+    assert done["finish_reason"] == "stop"
     assert history(server, done["conversation_id"]) == [("user", "hi"), ("assistant", "Hello world")]
     [agent_request] = agent_server.requests
     assert agent_request.json["stream"] is True and agent_request.json["stream_options"] == {"include_usage": True}
@@ -128,7 +137,8 @@ def test_a_stall_past_the_gap_deadline_ends_in_error_in_time(server, agent_serve
     assert conversation_count(server) == 0
 
 
-def test_a_client_that_disconnects_ends_the_turn_and_frees_the_conversation(server, agent_server):
+@pytest.mark.parametrize("stream_settings", [{"STREAM_ON_DISCONNECT": "cancel"}])
+def test_with_cancel_a_client_that_disconnects_ends_the_turn_and_frees_the_conversation(server, agent_server):
     conversation_id = json.loads([d for e, d in events(post(server, {"message": "one"})) if e == "done"][0])["conversation_id"]
     resume = threading.Event()
     # After the pause, many small pieces: the service meets the closed connection long before the end.
@@ -151,6 +161,27 @@ def test_a_client_that_disconnects_ends_the_turn_and_frees_the_conversation(serv
     assert [content for _, content in history(server, conversation_id)] == [
         "one", "You said: one", "three", "You said: three"
     ]
+
+
+def test_a_client_that_goes_away_after_three_events_leaves_the_turn_to_finish(server, agent_server):
+    resume = threading.Event()
+    agent_server.enqueue(Stream(pieces=("a", "b", "c", "d", "e", "f"), pause_after=3, pause_event=resume))
+    response = post(server, {"message": "tell me"}, headers={"Idempotency-Key": "k-gone"})
+    received = events(response)
+    assert [next(received)[0] for _ in range(3)] == ["delta"] * 3
+    response.close()  # the phone lost its signal
+    resume.set()
+    deadline = time.monotonic() + 10
+    while conversation_count(server) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [conversation] = requests.get(f"{server.url}/api/alice/conversations", headers=AuthActions().headers(),
+                                  timeout=10).json()["conversations"]
+    assert history(server, conversation["conversation_id"]) == [("user", "tell me"), ("assistant", "abcdef")]
+    assert len(agent_server.requests) == 1
+    replay = post(server, {"message": "tell me"}, headers={"Idempotency-Key": "k-gone"})  # the client is back
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert json.loads([d for e, d in events(replay) if e == "done"][0])["message"] == "abcdef"
+    assert len(agent_server.requests) == 1
 
 
 def test_replaying_a_key_streams_the_stored_answer_without_the_agent(server, agent_server):
@@ -193,10 +224,9 @@ def test_the_echo_agent_streams_word_by_word(database_uri, auth):
             "/api/alice/chat", json={"message": "hello big world", "stream": True}, headers=auth.headers()
         )
         assert response.status_code == 200 and response.mimetype == "text/event-stream"
-        received = []
-        for block in response.get_data(as_text=True).strip().split("\n\n"):
-            event, data = block.split("\n", 1)
-            received.append((event.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+        found = sse_events(response.get_data(as_text=True))
+        assert [event_id for event_id, _, _ in found] == list(range(1, len(found) + 1))
+        received = [(event, json.loads(data)) for _, event, data in found]
     finally:
         with app.app_context():
             db.engine.dispose()

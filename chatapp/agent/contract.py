@@ -1,24 +1,36 @@
 """What every agent is: a runner that answers a conversation whole or piece by piece, and its replies."""
 from typing import NamedTuple, Protocol
 
+from chatapp.values import CUT_AT_LENGTH, FINISHED
+
+
+def finish_reason(agent_value) -> str:
+    """The finish_reason of an answer from the agent's own: `length` when it says it hit its token
+    limit, else `stop` (it finished; content filters and tool calls end an answer too)."""
+    return CUT_AT_LENGTH if agent_value == "length" else FINISHED
+
 
 class AgentReply(NamedTuple):
     """The assistant's answer, the agent's token usage (or None), how many attempts it took, the
-    model that answered (None: the one asked for) and which agent it was (primary or fallback)."""
+    model that answered (None: the one asked for), which agent it was (primary or fallback) and
+    why it ended (stop, length, or stopped by the user)."""
 
     content: str
     usage: dict | None
     attempts: int
     model: str | None = None
     agent: str = "primary"
+    finish_reason: str = FINISHED
 
 
 class ReplyStream(Protocol):
-    """An answer arriving piece by piece: iterate for its non-empty str pieces, then read `usage`.
-    `model` and `agent` as AgentReply's (a plain stream may have neither: None, primary)."""
+    """An answer arriving piece by piece: iterate for its non-empty str pieces, then read `usage`
+    and `finish_reason`. `model` and `agent` as AgentReply's (a plain stream may have neither:
+    None, primary)."""
 
     usage: dict | None
     attempts: int
+    finish_reason: str
 
     def __iter__(self) -> "ReplyStream": ...
 

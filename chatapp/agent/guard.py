@@ -27,11 +27,24 @@ def counts_against_the_agent(error: AgentUnavailable) -> bool:
     a malformed answer (after the retries); not an answer 400-499 other than 429, nor a failure of
     ours (the breaker, the cap, a client gone)."""
     kind = error.kind
+    if kind == FailureKind.STOPPED:
+        return False
     if kind.startswith("http_"):
         status = int(kind[len("http_"):])
         return status == 429 or status >= 500
     return kind in (FailureKind.TIMEOUT, FailureKind.CONNECTION, FailureKind.MALFORMED, FailureKind.TOO_LARGE,
                     FailureKind.AGENT_ERROR)
+
+
+def judge(breaker: "CircuitBreaker", failure: AgentUnavailable) -> None:
+    """Tell the breaker what a failed call says of its agent: down, up (it refused this request),
+    or nothing (the user stopped the turn)."""
+    if failure.kind == FailureKind.STOPPED:
+        breaker.ended_without_verdict()
+    elif counts_against_the_agent(failure):
+        breaker.failed()
+    else:
+        breaker.succeeded()
 
 
 class CircuitBreaker:
@@ -166,7 +179,7 @@ class GuardedAgent:
                     reply = agent.run(messages, agent_model, request_id=request_id, deadline=deadline)
                 except AgentUnavailable as failure:
                     failure.agent = name
-                    breaker.failed() if counts_against_the_agent(failure) else breaker.succeeded()
+                    judge(breaker, failure)
                     error = failure
                     if not counts_against_the_agent(failure):
                         raise  # the agent refused this request: another would too
@@ -200,7 +213,7 @@ class GuardedAgent:
                     if inner is not None:
                         inner.close()
                     failure.agent = name
-                    breaker.failed() if counts_against_the_agent(failure) else breaker.succeeded()
+                    judge(breaker, failure)
                     error = failure
                     if not counts_against_the_agent(failure):
                         raise
@@ -237,6 +250,10 @@ class GuardedStream:
         return self._inner.usage
 
     @property
+    def finish_reason(self) -> str:
+        return self._inner.finish_reason
+
+    @property
     def attempts(self):
         return self._inner.attempts
 
@@ -252,7 +269,10 @@ class GuardedStream:
         try:
             yield from self._inner
         except AgentUnavailable as failure:
-            self._end(failed=counts_against_the_agent(failure))
+            if not self._over:
+                self._over = True
+                judge(self._breaker, failure)
+                self._guard._free_slot()
             raise
         self._end(failed=False)
 

@@ -3,6 +3,7 @@ import re
 from collections.abc import Iterable
 
 from chatapp.agent.contract import AgentReply
+from chatapp.values import FINISHED
 
 # Between a space and the next word: splitting there keeps every character on some piece.
 _WORD_BOUNDARY = re.compile(r"(?<=\s)(?=\S)")
@@ -11,9 +12,11 @@ _WORD_BOUNDARY = re.compile(r"(?<=\s)(?=\S)")
 class ReadyStream:
     """An answer already at hand, served piece by piece like an AgentStream."""
 
-    def __init__(self, pieces: Iterable[str], usage: dict | None = None, attempts: int = 1):
+    def __init__(self, pieces: Iterable[str], usage: dict | None = None, attempts: int = 1,
+                 finish_reason: str = FINISHED):
         self.usage = usage
         self.attempts = attempts
+        self.finish_reason = finish_reason
         self._pieces = iter([piece for piece in pieces if piece])
 
     def __iter__(self) -> "ReadyStream":

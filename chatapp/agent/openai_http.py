@@ -7,7 +7,8 @@ import weakref
 import requests
 from requests.adapters import HTTPAdapter
 
-from chatapp.agent.contract import AgentReply
+from chatapp.agent.cancel import WATCHED_POOLS
+from chatapp.agent.contract import AgentReply, finish_reason
 from chatapp.agent.sse import AgentStream
 from chatapp.agent.transport import (
     RETRY_STATUSES,
@@ -45,6 +46,8 @@ class OpenAIChatAgent:
         # of the turns a second (bench/results/2026-12-02-libraries.md). max_retries=0: retries
         # are ours, within the deadline.
         self._adapter = HTTPAdapter(pool_maxsize=POOL_MAXSIZE, max_retries=0)
+        # Pools whose connections a user's stop can shut down (chatapp/agent/cancel.py).
+        self._adapter.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
         self._template = requests.Request("POST", self._url).prepare()
         # Proxy settings are read from the environment once, not on every call.
         self._proxies = requests.utils.get_environ_proxies(self._url)
@@ -65,10 +68,10 @@ class OpenAIChatAgent:
         deadline = min(time.monotonic() + self.timeout, deadline or float("inf"))
         body = json.dumps({"model": model, "messages": messages}).encode()
         headers = self._headers(request_id)
-        (content, usage), attempts = with_retries(
+        (content, usage, reason), attempts = with_retries(
             lambda: self._attempt(body, headers, deadline), deadline, self.max_retries, request_id
         )
-        return AgentReply(content, usage, attempts)
+        return AgentReply(content, usage, attempts, finish_reason=reason)
 
     def stream(self, messages: list[dict], model: str, request_id: str | None = None,
                deadline: float | None = None) -> AgentStream:
@@ -103,8 +106,8 @@ class OpenAIChatAgent:
             headers["X-Request-ID"] = request_id
         return headers
 
-    def _attempt(self, body: bytes, headers: dict, deadline: float) -> tuple[str, dict | None]:
-        """One POST: the content and usage of a good answer, else AttemptFailed."""
+    def _attempt(self, body: bytes, headers: dict, deadline: float) -> tuple[str, dict | None, str]:
+        """One POST: the content, usage and finish_reason of a good answer, else AttemptFailed."""
         # Closing a response that is not fully read drops its connection instead of pooling it.
         with self._post(body, headers, deadline) as response:
             raw = self._read_body(response, deadline)
@@ -166,14 +169,16 @@ class OpenAIChatAgent:
         return bytes(body)
 
 
-def parse_completion(raw: bytes) -> tuple[str, dict | None]:
-    """`choices[0].message.content` and `usage` of a chat completion, else AttemptFailed."""
+def parse_completion(raw: bytes) -> tuple[str, dict | None, str]:
+    """`choices[0].message.content`, `usage` and the finish_reason of a chat completion, else
+    AttemptFailed."""
     try:
         data = json.loads(raw, parse_constant=reject_json_constant)
-        content = data["choices"][0]["message"]["content"]
+        choice = data["choices"][0]
+        content = choice["message"]["content"]
     except (ValueError, RecursionError, LookupError, TypeError):
         raise AttemptFailed(FailureKind.MALFORMED) from None
     if not isinstance(data, dict) or not isinstance(content, str) or unstorable(content):
         raise AttemptFailed(FailureKind.MALFORMED)
     usage = data.get("usage")
-    return content, usage if isinstance(usage, dict) and storable_json(usage) else None
+    return content, usage if isinstance(usage, dict) and storable_json(usage) else None, finish_reason(choice.get("finish_reason"))

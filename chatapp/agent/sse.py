@@ -6,8 +6,10 @@ import time
 
 import requests
 
+from chatapp.agent.cancel import cancelled
+from chatapp.agent.contract import finish_reason
 from chatapp.agent.transport import AttemptFailed, FailureKind, read_some
-from chatapp.values import reject_json_constant, storable_json, unstorable
+from chatapp.values import FINISHED, reject_json_constant, storable_json, unstorable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class AgentStream:
         request_id: str | None = None,
     ):
         self.usage: dict | None = None
+        self.finish_reason = FINISHED  # until a chunk says the agent hit its token limit
         self.attempts = attempts
         self._response = response
         self._first_deadline = first_deadline
@@ -63,6 +66,8 @@ class AgentStream:
             piece = self._next_piece()
         except AttemptFailed as failure:
             self.close()
+            if cancelled():  # the stop cut the connection: not the agent's failure
+                raise AttemptFailed(FailureKind.STOPPED).unavailable(self.attempts) from None
             log.warning("agent stream failed: %s, attempt %d, after %d pieces",
                         failure.kind, self.attempts, self._yielded, extra={"request_id": self._request_id})
             raise failure.unavailable(self.attempts) from None
@@ -147,9 +152,11 @@ class AgentStream:
         if data == b"[DONE]":
             self._done = True
             return None
-        piece, usage = parse_chunk(data)
+        piece, usage, reason = parse_chunk(data)
         if usage is not None:
             self.usage = usage
+        if reason is not None:
+            self.finish_reason = finish_reason(reason)
         return piece
 
     def _drain(self) -> None:
@@ -162,9 +169,9 @@ class AgentStream:
             self.close()  # the answer is whole; only the connection is lost
 
 
-def parse_chunk(data: bytes) -> tuple[str | None, dict | None]:
-    """The content piece (None when the chunk has none) and usage of a chat completion chunk,
-    else AttemptFailed."""
+def parse_chunk(data: bytes) -> tuple[str | None, dict | None, str | None]:
+    """The content piece (None when the chunk has none), usage and finish_reason (None until the
+    choice's last chunk) of a chat completion chunk, else AttemptFailed."""
     try:
         chunk = json.loads(data.decode("utf-8"), parse_constant=reject_json_constant)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -187,4 +194,5 @@ def parse_chunk(data: bytes) -> tuple[str | None, dict | None]:
     if content is not None and not (isinstance(content, str) and unstorable(content) is None):
         raise AttemptFailed(FailureKind.MALFORMED)
     usage = chunk.get("usage")
-    return content, usage if isinstance(usage, dict) and storable_json(usage) else None
+    reason = choices[0].get("finish_reason") if choices else None
+    return content, usage if isinstance(usage, dict) and storable_json(usage) else None, reason

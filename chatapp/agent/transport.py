@@ -12,6 +12,7 @@ from typing import TypeVar
 import requests
 from urllib3.exceptions import HTTPError as TransportError, ReadTimeoutError
 
+from chatapp.agent.cancel import cancelled
 from chatapp.errors import AgentUnavailable
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class FailureKind(enum.StrEnum):
     ABORTED = "aborted"  # the client went away and the call was ended
     BREAKER_OPEN = "breaker_open"  # not called: its circuit breaker is open
     BUSY = "busy"  # not called: AGENT_MAX_CONCURRENCY calls in flight
+    STOPPED = "stopped"  # the user stopped the turn (chatapp/agent/cancel.py)
 
     @property
     def detail(self) -> str:
@@ -54,6 +56,7 @@ _DETAILS = {
     FailureKind.ABORTED: "The agent call was ended",
     FailureKind.BREAKER_OPEN: "The agent is unavailable, try again later",
     FailureKind.BUSY: "The service is answering as many turns as it can, try again in a moment",
+    FailureKind.STOPPED: "The turn was stopped",
 }
 
 
@@ -90,6 +93,8 @@ def with_retries(attempt: Callable[[], _T], deadline: float, max_retries: int, r
         try:
             return attempt(), attempts
         except AttemptFailed as failure:
+            if cancelled():  # the failure is the stop's doing: the agent is not to blame, nor to ask again
+                raise AttemptFailed(FailureKind.STOPPED).unavailable(attempts) from None
             delay = backoff(attempts) if failure.retry_after is None else failure.retry_after
             if failure.retryable and attempts <= max_retries and time.monotonic() + delay < deadline:
                 log.warning("agent call failed: %s, attempt %d, retrying in %.2f s",

@@ -1,19 +1,19 @@
 """POST /api/<user_id>/chat: the five steps of the contract, in order."""
 import functools
-import json
+from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, g, request, stream_with_context
 
 from chatapp import errors
 from chatapp.auth import authenticate
-from chatapp.chat_service import TurnResponse, TurnStream
-from chatapp.errors import as_api_error, error_body, log_fields
+from chatapp.chat_service import ResumedStream, TurnResponse, TurnStream, replay_events
 from chatapp.log_config import note
 from chatapp.metrics import TURNS_IN_FLIGHT
 from chatapp.openapi import documented
 from chatapp.rate_limit import enforce_rate_limit
 from chatapp.routes.inputs import check_user_id, json_body
 from chatapp.schemas import ChatRequest, ChatRequestSchema, ChatResponseSchema
+from chatapp.turn_log import KEEP_ALIVE, Event
 
 bp = Blueprint("chat", __name__)
 
@@ -29,14 +29,14 @@ def load_chat_request(user_id: str) -> ChatRequest:
     check_user_id(user_id)
     config = current_app.config
     schema = chat_request_schema(config["DEFAULT_MODEL"], tuple(config["ALLOWED_MODELS"] or ()))
-    return schema.load_chat_request(json_body(), request.headers.get("Idempotency-Key"))
+    return schema.load_chat_request(json_body(), request.headers.get("Idempotency-Key"), request.headers.get("Last-Event-ID"))
 
 
-def respond(chat_request: ChatRequest, turn: TurnResponse | TurnStream) -> Response:
+def respond(chat_request: ChatRequest, turn: TurnResponse | TurnStream | ResumedStream) -> Response:
     """Step 5: the ChatResponse, or the answer as server-sent events (a replay streams too, when asked)."""
     if chat_request.stream:
         note(stream=True)
-        return event_stream_response(turn)
+        return event_stream_response(turn, chat_request.last_event_id or 0)
     note(conversation_id=turn.conversation_id, replayed=turn.replayed)
     # The line end that jsonify adds to every other body: a terminal's prompt starts on a line of its own.
     response = Response(turn.body + "\n", status=200, mimetype="application/json")
@@ -45,42 +45,23 @@ def respond(chat_request: ChatRequest, turn: TurnResponse | TurnStream) -> Respo
     return response
 
 
-def server_sent_event(event: str, data: str) -> str:
-    return f"event: {event}\ndata: {data}\n\n"
+def relay(events: Iterator[Event | None]):
+    """Each event with its id; a keep-alive comment after each STREAM_KEEPALIVE_SECONDS of silence."""
+    try:
+        for event in events:
+            yield KEEP_ALIVE if event is None else event.sse()
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()  # before the end: the client went away (the turn goes on, or is cancelled)
 
 
-def delta_event(content: str) -> str:
-    return server_sent_event("delta", json.dumps({"content": content}, separators=(",", ":")))
-
-
-def relay(turn: TurnStream):
-    """The agent's pieces as `delta` events; `done` once the turn is stored; `error` if it fails."""
-    with TURNS_IN_FLIGHT.track_inprogress():
-        try:
-            for piece in turn:
-                yield delta_event(piece)
-            stored = turn.finish()
-        except GeneratorExit:  # the client went away: end the agent call, store nothing
-            turn.abort()
-            raise
-        except Exception as exc:
-            error = as_api_error(exc)
-            turn.abort(exc)
-            note(**log_fields(error))
-            yield server_sent_event("error", json.dumps(error_body(error, g.request_id), separators=(",", ":")))
-            return
-        yield server_sent_event("done", stored.body)
-
-
-def replay_events(replay: TurnResponse):
-    """A finished turn, streamed again: its whole message as one delta, then done."""
-    yield delta_event(replay.message)
-    yield server_sent_event("done", replay.body)
-
-
-def event_stream_response(turn: TurnResponse | TurnStream) -> Response:
-    events = relay(turn) if isinstance(turn, TurnStream) else replay_events(turn)
-    response = Response(stream_with_context(events), status=200, mimetype="text/event-stream")
+def event_stream_response(turn: TurnResponse | TurnStream | ResumedStream, last_event_id: int) -> Response:
+    if isinstance(turn, TurnResponse):  # a replay: the whole message, which replaces what the client had
+        events = iter(replay_events(turn))
+    else:
+        events = turn.follow(last_event_id)
+    response = Response(stream_with_context(relay(events)), status=200, mimetype="text/event-stream")
     # Proxies must pass each event on at once.
     response.headers.update({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     if isinstance(turn, TurnResponse):
@@ -102,9 +83,11 @@ def event_stream_response(turn: TurnResponse | TurnStream) -> Response:
         errors.ConversationBusy,
         errors.IdempotencyInProgress,
         errors.IdempotencyKeyReused,
+        errors.TurnStopped,
         errors.AgentUnavailable,
     ),
-    headers=(("Idempotency-Key", "Makes retries safe (same as request_id)"), ("X-Request-ID", "Traced through to the agent")),
+    headers=(("Idempotency-Key", "Makes retries safe (same as request_id)"), ("X-Request-ID", "Traced through to the agent"),
+             ("Last-Event-ID", "Resumes a stream after this event (with the same Idempotency-Key and stream: true)")),
     streams=True,
     tags=("chat",),
 )

@@ -1,5 +1,5 @@
-"""The user's history (contract section 9): list, read and delete conversations."""
-from flask import Blueprint, Response
+"""The user's history: list, read and delete conversations; and stop the turn in flight on one."""
+from flask import Blueprint, Response, current_app
 
 from chatapp import errors, history_service
 from chatapp.auth import authenticate
@@ -11,6 +11,7 @@ from chatapp.schemas import (
     ConversationSchema,
     MessageListQuerySchema,
     MessageListSchema,
+    StopResponseSchema,
 )
 
 bp = Blueprint("conversations", __name__, url_prefix="/api/<user_id>/conversations")
@@ -18,6 +19,7 @@ bp = Blueprint("conversations", __name__, url_prefix="/api/<user_id>/conversatio
 _LIST_QUERY, _LIST = ConversationListQuerySchema(), ConversationListSchema()
 _CONVERSATION = ConversationSchema()
 _MESSAGES_QUERY, _MESSAGES = MessageListQuerySchema(), MessageListSchema()
+_STOP = StopResponseSchema()
 
 
 @bp.get("")
@@ -79,3 +81,20 @@ def delete_conversation(user_id: str, conversation_id: str):
     response = Response(status=204)  # 5. return
     del response.headers["Content-Type"]  # no body, so no content type
     return response
+
+
+@bp.post("/<conversation_id>/stop")
+@documented(
+    summary="Stop the turn in flight on a conversation",
+    response=StopResponseSchema,
+    errors=(errors.ConversationNotFound, errors.NoTurnInProgress),
+    tags=("chat",),
+)
+def stop_turn(user_id: str, conversation_id: str):
+    """Ends the turn in flight within a second, whichever process or host runs it: a stream keeps
+    what it received (finish_reason `stopped`); a blocking turn, or a stream before its first
+    piece, stores nothing and answers 409 turn_stopped. The conversation is free once this answers."""
+    check_user_id(user_id)  # 1. validate
+    authenticate(user_id)  # 2. authenticate
+    current_app.extensions["chat_service"].stop(user_id, conversation_id)  # 3. resolve, 4. stop
+    return _STOP.dump({"conversation_id": conversation_id.lower(), "stopped": True})  # 5. return

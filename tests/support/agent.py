@@ -23,14 +23,15 @@ class RecordedRequest(NamedTuple):
     client_port: int
 
 
-def completion(content: str | None, usage: dict | None = None, model: str = "test-model") -> dict:
+def completion(content: str | None, usage: dict | None = None, model: str = "test-model",
+               finish_reason: str | None = "stop") -> dict:
     """An OpenAI chat completion carrying `content` (and `usage` when given)."""
     body = {
         "id": "chatcmpl-test",
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
     }
     if usage is not None:
         body["usage"] = usage
@@ -46,10 +47,12 @@ class Reply:
     status: int = 200
     headers: dict | None = None
     delay: float = 0.0
+    finish_reason: str | None = "stop"
 
     def respond(self, handler: "_Handler", request: RecordedRequest) -> None:
         if not handler.wait(self.delay):
-            handler.send(self.status, json.dumps(completion(self.content, self.usage)).encode(), self.headers)
+            body = completion(self.content, self.usage, finish_reason=self.finish_reason)
+            handler.send(self.status, json.dumps(body).encode(), self.headers)
 
 
 @dataclass
@@ -156,11 +159,12 @@ def sse(data: dict | str) -> bytes:
     return b"data: %s\n\n" % (data if isinstance(data, str) else json.dumps(data)).encode()
 
 
-def stream_events(pieces: tuple[str, ...], usage: dict | None = USAGE, done: bool = True) -> list[bytes]:
+def stream_events(pieces: tuple[str, ...], usage: dict | None = USAGE, done: bool = True,
+                  finish_reason: str = "stop") -> list[bytes]:
     """OpenAI's events for `pieces`: the role, one chunk a piece, the finish, the usage, [DONE]."""
     events = [sse(completion_chunk("", role="assistant"))]
     events += [sse(completion_chunk(piece)) for piece in pieces]
-    events.append(sse(completion_chunk(finish_reason="stop")))
+    events.append(sse(completion_chunk(finish_reason=finish_reason)))
     if usage is not None:
         events.append(sse(usage_chunk(usage)))
     if done:
@@ -203,6 +207,7 @@ class Stream:
     pause_event: threading.Event | None = None
     fail_after: int | None = None
     done: bool = True
+    finish_reason: str = "stop"
     sent: int = field(default=0, init=False, compare=False)
     finished: threading.Event = field(default_factory=threading.Event, init=False, compare=False, repr=False)
     disconnected: threading.Event = field(default_factory=threading.Event, init=False, compare=False, repr=False)
@@ -220,7 +225,7 @@ class Stream:
     def _send(self, handler: "_Handler") -> bool:
         """Write the stream; False when it was cut (as scripted, or because the server is stopping)."""
         start_event_stream(handler)
-        for index, event in enumerate(stream_events(self.pieces, self.usage, self.done)):
+        for index, event in enumerate(stream_events(self.pieces, self.usage, self.done, self.finish_reason)):
             piece = index - 1  # the role's chunk comes first
             if 0 <= piece <= len(self.pieces) and self._hold(handler, piece):
                 return False

@@ -42,3 +42,17 @@ def metric(text, name, **labels):
         if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
             return float(match.group(2))
     return 0.0
+
+
+def sse_events(text: str) -> list[tuple[int | None, str, str]]:
+    """The (id, event, data) of each event of a server-sent event stream's text; comments skipped."""
+    found = []
+    for block in text.strip().split("\n\n"):
+        fields = {}
+        for line in block.split("\n"):
+            if line and not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+        if "event" in fields:
+            found.append((int(fields["id"]) if "id" in fields else None, fields["event"], fields.get("data", "")))
+    return found
