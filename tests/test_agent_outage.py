@@ -293,3 +293,30 @@ def test_through_gunicorn_the_fallback_answers_and_its_model_is_stored(served, a
         assert_error(post("nobody")[0], 503, "agent_unavailable")
         listed = requests.get(f"{server.url}/api/alice/conversations", headers=headers, timeout=5).json()
         assert len(listed["conversations"]) == 6  # the failed turn stored nothing
+
+
+def test_a_probe_that_ends_in_an_error_of_ours_lets_the_next_turn_probe():
+    """Not the agent's failure (a bug, a client gone): no verdict, and the breaker is not stuck half open."""
+    from chatapp.agent import GuardedAgent
+    from chatapp.errors import AgentUnavailable as Unavailable
+
+    now = [0.0]
+
+    class Failing:
+        def __init__(self):
+            self.calls = 0
+
+        def run(self, messages, model, request_id=None, deadline=None):
+            self.calls += 1
+            raise Unavailable(kind="timeout") if self.calls <= 2 else RuntimeError("ours")
+
+    agent = Failing()
+    guard = GuardedAgent(agent, timeout=5, breaker_failures=2, breaker_seconds=1, clock=lambda: now[0])
+    for _ in range(2):
+        with pytest.raises(Unavailable):
+            guard.run([], "m")
+    assert guard.breakers["primary"].state == "open"
+    now[0] = 1.5  # half open: one probe
+    with pytest.raises(RuntimeError):
+        guard.run([], "m")
+    assert guard.breakers["primary"].admit()  # the next turn may probe

@@ -161,32 +161,44 @@ class GuardedAgent:
         if self._slots is not None:
             self._slots.release()
 
+    def _first_that_answers(self, model: str, deadline: float, attempt: Callable):
+        """`attempt(name, agent, model, breaker)` with the primary, then with the fallback when the
+        primary failed for good or its breaker is open, and there is time left: its first result,
+        else the last failure. Each under its breaker, which hears how the call went."""
+        error = None
+        for name, agent, agent_model in self._agents(model):
+            breaker = self.breakers[name]
+            if time.monotonic() >= deadline and error is not None:
+                break
+            if not breaker.admit():
+                error = breaker.unavailable(name)
+                continue
+            try:
+                return attempt(name, agent, agent_model, breaker)
+            except AgentUnavailable as failure:
+                failure.agent = name
+                judge(breaker, failure)
+                error = failure
+                if not counts_against_the_agent(failure):
+                    raise  # the agent refused this request (or the user stopped it): another would too
+            except BaseException:
+                breaker.ended_without_verdict()  # not the agent's doing: a probe lets the next one try
+                raise
+        raise error
+
     def run(self, messages: list[dict], model: str, request_id: str | None = None,
             deadline: float | None = None) -> AgentReply:
         """The first answer of the primary, or of the fallback; AgentUnavailable when neither answers."""
         deadline = min(time.monotonic() + self.timeout, deadline or float("inf"))
+
+        def attempt(name: str, agent: AgentRunner, agent_model: str, breaker: CircuitBreaker) -> AgentReply:
+            reply = agent.run(messages, agent_model, request_id=request_id, deadline=deadline)
+            breaker.succeeded()
+            return reply._replace(model=agent_model, agent=name)
+
         self._take_slot()
         try:
-            error = None
-            for name, agent, agent_model in self._agents(model):
-                breaker = self.breakers[name]
-                if time.monotonic() >= deadline and error is not None:
-                    break
-                if not breaker.admit():
-                    error = breaker.unavailable(name)
-                    continue
-                try:
-                    reply = agent.run(messages, agent_model, request_id=request_id, deadline=deadline)
-                except AgentUnavailable as failure:
-                    failure.agent = name
-                    judge(breaker, failure)
-                    error = failure
-                    if not counts_against_the_agent(failure):
-                        raise  # the agent refused this request: another would too
-                    continue
-                breaker.succeeded()
-                return reply._replace(model=agent_model, agent=name)
-            raise error
+            return self._first_that_answers(model, deadline, attempt)
         finally:
             self._free_slot()
 
@@ -195,36 +207,19 @@ class GuardedAgent:
         """The stream of the primary once its first piece has come, else the fallback's: a stream falls
         back only before its first piece."""
         deadline = min(time.monotonic() + self.timeout, deadline or float("inf"))
+
+        def attempt(name: str, agent: AgentRunner, agent_model: str, breaker: CircuitBreaker) -> GuardedStream:
+            inner = agent.stream(messages, agent_model, request_id=request_id, deadline=deadline)
+            try:
+                first = next(iter(inner), "")
+            except BaseException:
+                inner.close()
+                raise
+            return GuardedStream(self, inner, first, breaker, agent_model, name)
+
         self._take_slot()
         try:
-            error = None
-            for name, agent, agent_model in self._agents(model):
-                breaker = self.breakers[name]
-                if time.monotonic() >= deadline and error is not None:
-                    break
-                if not breaker.admit():
-                    error = breaker.unavailable(name)
-                    continue
-                inner = None
-                try:
-                    inner = agent.stream(messages, agent_model, request_id=request_id, deadline=deadline)
-                    first = next(iter(inner), "")
-                except AgentUnavailable as failure:
-                    if inner is not None:
-                        inner.close()
-                    failure.agent = name
-                    judge(breaker, failure)
-                    error = failure
-                    if not counts_against_the_agent(failure):
-                        raise
-                    continue
-                except BaseException:
-                    if inner is not None:
-                        inner.close()
-                    breaker.ended_without_verdict()
-                    raise
-                return GuardedStream(self, inner, first, breaker, agent_model, name)
-            raise error
+            return self._first_that_answers(model, deadline, attempt)
         except BaseException:
             self._free_slot()
             raise
