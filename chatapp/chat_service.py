@@ -372,19 +372,18 @@ class TurnStream:
                         self.events.append(DELTA, delta_data(piece))
             except BaseException as error:
                 stopped = self.turn.claims.stop.cancelled
-                timing.failed(error) if not stopped else timing.ended(FailureKind.STOPPED, None, None)
-                if not (stopped and pieces and not self._client_gone):
+                timing.ended(FailureKind.STOPPED, None, None) if stopped else timing.failed(error)
+                if not stopped or self._client_gone or not pieces:
                     self._fail(TurnStopped() if stopped and not self._client_gone else error)
                     return
                 cut = True  # stopped by the user: what came is the answer
             else:
                 timing.ended(None, agent_stream.attempts, getattr(agent_stream, "agent", "primary"))
-            stopped = self.turn.claims.stop.cancelled
-            if stopped and self._client_gone:
-                self._fail(TurnStopped())
-                return
-            reply = AgentReply("".join(pieces), agent_stream.usage if agent_stream else None,
-                               agent_stream.attempts if agent_stream else 1, getattr(agent_stream, "model", None),
+                if self._client_gone:  # cancelled when its client left, and the answer came anyway
+                    self._fail(TurnStopped())
+                    return
+            # Here the agent's stream was opened: it ended whole, or the user stopped it after a piece.
+            reply = AgentReply("".join(pieces), agent_stream.usage, agent_stream.attempts, getattr(agent_stream, "model", None),
                                getattr(agent_stream, "agent", "primary"),
                                STOPPED if cut else getattr(agent_stream, "finish_reason", FINISHED))
             try:
