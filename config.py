@@ -75,6 +75,23 @@ def _env_list(name):
     return [item.strip() for item in value.split(",") if item.strip()] if value else None
 
 
+BUDGET_PERIODS = ("day", "month")
+
+
+def parse_token_budget(value):
+    """TOKEN_BUDGET as (tokens, period): '200000 per day', '5000000 per month', or 'unlimited per
+    month' (no limit but the users' own, from `flask set-budget`); tokens None is unlimited.
+    ValueError for anything else."""
+    words = value.lower().split()
+    if len(words) != 3 or words[1] != "per" or words[2] not in BUDGET_PERIODS:
+        raise ValueError(value)
+    if words[0] == "unlimited":
+        return None, words[2]
+    if not words[0].isdigit() or not words[0].isascii():
+        raise ValueError(value)
+    return int(words[0]), words[2]
+
+
 def _require(name, condition, rule):
     if not condition:
         raise ConfigError(f"{name} {rule}")
@@ -206,6 +223,8 @@ class Config:
         # Seconds a client has to send its whole request (headers and body); chatapp/serving.py.
         self.REQUEST_READ_TIMEOUT = _env_float("REQUEST_READ_TIMEOUT", 10.0)
         self.RATE_LIMIT = _env("RATE_LIMIT", "60 per minute")
+        # Each user's tokens per UTC day or month (chatapp/usage.py); None: no budget.
+        self.TOKEN_BUDGET = _env("TOKEN_BUDGET")
         self.REDIS_URL = _env("REDIS_URL")
         self.CORS_ORIGINS = _env_list("CORS_ORIGINS")
         self.IDEMPOTENCY_TTL = _env_int("IDEMPOTENCY_TTL", 86400)
@@ -258,6 +277,12 @@ class Config:
             parse_rate_limit(self.RATE_LIMIT)
         except ValueError:
             raise ConfigError(f"RATE_LIMIT must read like '60 per minute', got {self.RATE_LIMIT!r}") from None
+        if self.TOKEN_BUDGET is not None:
+            try:
+                parse_token_budget(self.TOKEN_BUDGET)
+            except ValueError:
+                raise ConfigError("TOKEN_BUDGET must read like '200000 per day' or '5000000 per month' "
+                                  f"(or 'unlimited per month'), got {self.TOKEN_BUDGET!r}") from None
         if self.ALLOWED_MODELS and self.DEFAULT_MODEL not in self.ALLOWED_MODELS:
             raise ConfigError("DEFAULT_MODEL is not one of ALLOWED_MODELS")
         if self.DATABASE_URL:

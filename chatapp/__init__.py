@@ -8,17 +8,19 @@ from flask import Flask
 from flask_cors import CORS
 from sqlalchemy.engine import make_url
 
-from chatapp import cli, errors, log_config, metrics, rate_limit, request_ids
+from chatapp import cli, errors, log_config, metrics, rate_limit, request_ids, usage
 from chatapp.agent import build_agent
 from chatapp.auth import register_auth
 from chatapp.chat_service import ChatService, StreamSettings
 from chatapp.claims import TurnLeases
 from chatapp.context import ContextPolicy
 from chatapp.extensions import db, jwt, ping_idle_connections
+from chatapp.models import utcnow
 from chatapp.routes import chat, conversations, docs, health
+from chatapp.routes import usage as usage_routes
 from chatapp.schemas import render_chat_response
 from chatapp.turn_log import LiveLog
-from config import Config, config_from_env
+from config import Config, config_from_env, parse_token_budget
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "migrations")
 
@@ -102,16 +104,22 @@ def register_migrations(app: Flask) -> None:
 def register_blueprints(app: Flask) -> None:
     app.register_blueprint(chat.bp)
     app.register_blueprint(conversations.bp)
+    app.register_blueprint(usage_routes.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(docs.bp)
 
 
 def register_chat_service(app: Flask) -> None:
-    """One ChatService per app, with its settings and its agent, kept on the app (tests swap its agent)."""
+    """One ChatService per app, with its settings and its agent, kept on the app (tests swap its
+    agent); the usage ledger beside it, with the same budget and clock (tests set CLOCK to move
+    through days and months)."""
     config = app.config
     with app.app_context():
         engine = db.engine
+    budget = usage.Budget(*parse_token_budget(config["TOKEN_BUDGET"])) if config["TOKEN_BUDGET"] else usage.Budget()
+    clock = config.get("CLOCK") or utcnow
+    app.extensions["usage"] = usage.UsageLedger(budget, clock)
     app.extensions["chat_service"] = ChatService(
         sessions=db.session,
         agent=build_agent(config, on_breaker=metrics.set_breaker_open),
@@ -128,6 +136,8 @@ def register_chat_service(app: Flask) -> None:
         live_log=LiveLog(config["REDIS_URL"], config["STREAM_RESUME_SECONDS"], config["AGENT_STREAM_TIMEOUT"])
         if config["REDIS_URL"] else None,
         spawn=functools.partial(in_an_app_thread, app),
+        budget=budget,
+        clock=clock,
     )
 
 

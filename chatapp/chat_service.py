@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, scoped_session
 
-from chatapp import idempotency, metrics, queries
+from chatapp import idempotency, metrics, queries, usage
 from chatapp.agent import AgentReply, AgentRunner, FailureKind
 from chatapp.agent.cancel import cancellable
 from chatapp.claims import STOP_POLL_SECONDS, TurnClaims, TurnLeases, claim_conversation, release
@@ -82,6 +82,7 @@ class Turn:
     request: ChatRequest
     claims: TurnClaims
     asked_at: datetime = field(default_factory=utcnow)
+    context: list[dict] = field(default_factory=list)  # what the agent is sent
 
 
 class AgentTiming:
@@ -128,7 +129,8 @@ class ChatService:
 
     def __init__(self, *, sessions: scoped_session, agent: AgentRunner, policy: ContextPolicy, leases: TurnLeases,
                  render: Callable[[Answer], str], idempotency_ttl: int, streams: StreamSettings = StreamSettings(),
-                 live_log: LiveLog | None = None, spawn: Callable[[Callable[[], None]], None] = _in_a_thread):
+                 live_log: LiveLog | None = None, spawn: Callable[[Callable[[], None]], None] = _in_a_thread,
+                 budget: usage.Budget = usage.Budget(), clock: Callable[[], datetime] = utcnow):
         self.sessions = sessions  # the request's session (db.session) in the app
         self.agent = agent
         self.policy = policy
@@ -138,11 +140,14 @@ class ChatService:
         self.streams = streams
         self.live_log = live_log  # with REDIS_URL: streams resumable from any process
         self.spawn = spawn  # runs a streamed turn's thread (in the app, within an app context)
+        self.budget = budget  # TOKEN_BUDGET
+        self.clock = clock  # now, in UTC: the day a turn is counted in, the budget's period
 
     def send(self, user_id: str, request: ChatRequest, *, request_id: str | None = None,
              note: Callable[..., None] = _no_note) -> "TurnResponse | TurnStream | ResumedStream":
         """The turn of `request`: its idempotency key (a replay answers at once; a streamed request
-        for a key still running resumes its stream), its conversation, the agent, the turn stored.
+        for a key still running resumes its stream), the user's token budget, its conversation, the
+        agent, the turn stored.
         A streamed turn comes back as a TurnStream once the agent's first piece has arrived (or
         STREAM_FIRST_BYTE_SECONDS have passed); its own thread stores the turn when it ends. `note`
         takes the log line's fields."""
@@ -157,17 +162,18 @@ class ChatService:
             claims.key = outcome
             self.leases.hold(claims)
         try:
+            asked_at = self.clock()
+            self.budget.check(session, user_id, asked_at)  # a replay, answered above, costs no budget
             if request.conversation_id is not None:
                 claims.conversation = claim_conversation(session, user_id, request.conversation_id, self.leases.lease_seconds)
                 self.leases.hold(claims)
-            turn = Turn(user_id, request, claims)
-            context = self._context(session, turn)
+            turn = Turn(user_id, request, claims, asked_at, self._context(session, claims, request.message))
             if request.stream:
-                return TurnStream.start(self, turn, context, request_id)
+                return TurnStream.start(self, turn, request_id)
             timing = AgentTiming(note)
             try:
                 with cancellable(claims.stop):
-                    reply = self.agent.run(context, request.model, request_id=request_id)
+                    reply = self.agent.run(turn.context, request.model, request_id=request_id)
             except BaseException as error:
                 timing.failed(error)
                 raise TurnStopped() if claims.stop.cancelled else error
@@ -216,15 +222,15 @@ class ChatService:
                                       self.streams.longest_seconds)
         return ResumedStream(events) if events is not None else None
 
-    def _context(self, session: Session, turn: Turn) -> list[dict]:
+    def _context(self, session: Session, claims: TurnClaims, message: str) -> list[dict]:
         """Step 4's input: the kept history and the new message. Commits the claim and ends the
         transaction, so that a slow agent holds no pooled connection."""
         history = []
-        if turn.claims.conversation is not None:
-            history = queries.recent_history(session, turn.claims.conversation.id, self.policy.max_messages,
+        if claims.conversation is not None:
+            history = queries.recent_history(session, claims.conversation.id, self.policy.max_messages,
                                              self.policy.max_chars)
         session.commit()
-        return self.policy.messages(history, turn.request.message)
+        return self.policy.messages(history, message)
 
     def stop(self, user_id: str, conversation_id: str, wait_seconds: float = STOP_WAIT_SECONDS) -> None:
         """Stop the turn in flight on the user's conversation, wherever it runs: mark it, wait for the
@@ -250,10 +256,10 @@ class ChatService:
         session.commit()
 
     def store(self, turn: Turn, reply: AgentReply) -> TurnResponse:
-        """Store the conversation (if new), both messages and the idempotency record in one short
-        transaction, and give the conversation back."""
+        """Store the conversation (if new), both messages, the user's usage counters and the
+        idempotency record in one short transaction, and give the conversation back."""
         session = self.sessions()
-        conversation, answered_at = turn.claims.conversation, utcnow()
+        conversation, answered_at = turn.claims.conversation, self.clock()
         if conversation is None:
             conversation_id, first_seq = uuid.uuid4(), 1
             queries.insert_conversation(session, {
@@ -271,18 +277,22 @@ class ChatService:
         try:
             queries.insert_messages(session, [
                 {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": first_seq, "role": "user",
-                 "content": turn.request.message, "created_at": turn.asked_at, "model": None, "finish_reason": None},
+                 "content": turn.request.message, "created_at": turn.asked_at, "model": None, "finish_reason": None,
+                 "usage": None},
                 {"id": message_id, "conversation_id": conversation_id, "seq": first_seq + 1, "role": "assistant",
                  "content": reply.content, "created_at": answered_at, "model": model,
-                 "finish_reason": reply.finish_reason},
+                 "finish_reason": reply.finish_reason, "usage": reply.usage},
             ])
         except IntegrityError:
             # The unique (conversation_id, seq) index: the last guard against interleaved turns.
             raise ConversationBusy() from None
+        counted = usage.counted_usage(reply.usage, turn.context, reply.content)
+        usage.count_turn(session, turn.user_id, usage.utc_day(answered_at), counted)
         if turn.claims.key is not None:
             idempotency.complete_key(session, turn.claims.key, body, conversation_id)
         session.commit()
         self.leases.let_go(turn.claims)
+        metrics.count_tokens(model, counted.prompt_tokens, counted.completion_tokens)
         return TurnResponse(body, replayed=False, conversation_id=str(conversation_id))
 
     def release(self, claims: TurnClaims) -> None:
@@ -309,10 +319,9 @@ class TurnStream:
     (STREAM_ON_DISCONNECT=continue), or is cancelled and stores nothing. A user's stop ends it
     with what it has received (finish_reason `stopped`), or nothing before its first piece."""
 
-    def __init__(self, service: ChatService, turn: Turn, context: list[dict], request_id: str | None):
+    def __init__(self, service: ChatService, turn: Turn, request_id: str | None):
         self._service = service
         self.turn = turn
-        self._context = context
         self._request_id = request_id
         live = None
         if service.live_log is not None and turn.request.idempotency_key:
@@ -322,10 +331,10 @@ class TurnStream:
         self._client_gone = False
 
     @classmethod
-    def start(cls, service: ChatService, turn: Turn, context: list[dict], request_id: str | None) -> "TurnStream":
+    def start(cls, service: ChatService, turn: Turn, request_id: str | None) -> "TurnStream":
         """Start the turn's thread and wait for the agent's first piece (or STREAM_FIRST_BYTE_SECONDS):
         a failure until then is an ordinary error response (AgentUnavailable), not a broken stream."""
-        stream = cls(service, turn, context, request_id)
+        stream = cls(service, turn, request_id)
         service.spawn(stream._run)
         stream.events.first_piece.wait(service.streams.first_byte_seconds or None)
         if stream.failure is not None:
@@ -364,7 +373,7 @@ class TurnStream:
         agent_stream, cut = None, False
         with metrics.TURNS_IN_FLIGHT.track_inprogress(), cancellable(self.turn.claims.stop):
             try:
-                agent_stream = self._service.agent.stream(self._context, self.turn.request.model,
+                agent_stream = self._service.agent.stream(self.turn.context, self.turn.request.model,
                                                           request_id=self._request_id)
                 with agent_stream:
                     for piece in agent_stream:

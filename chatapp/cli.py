@@ -9,7 +9,7 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 from flask_jwt_extended import create_access_token
 
-from chatapp import idempotency
+from chatapp import idempotency, queries
 from chatapp.extensions import db
 from chatapp.values import USER_ID_MAX_CHARS
 
@@ -26,6 +26,12 @@ def curl_command(base_url: str, user_id: str, token: str) -> str:
     )
 
 
+def check_user_id(user_id: str) -> None:
+    """A user id as the API's paths take it."""
+    if not 1 <= len(user_id) <= USER_ID_MAX_CHARS or "/" in user_id:
+        raise click.BadParameter(f"must be 1 to {USER_ID_MAX_CHARS} characters, without '/'", param_hint="USER_ID")
+
+
 @click.command("create-token")
 @with_appcontext
 @click.argument("user_id")
@@ -34,8 +40,7 @@ def curl_command(base_url: str, user_id: str, token: str) -> str:
 def create_token(user_id: str, expires_in: int, curl_base_url: str | None) -> None:
     """Print a bearer token for USER_ID, signed with the configured key (JWT_SECRET_KEY, or
     JWT_PRIVATE_KEY for an asymmetric algorithm)."""
-    if not 1 <= len(user_id) <= USER_ID_MAX_CHARS or "/" in user_id:
-        raise click.BadParameter(f"must be 1 to {USER_ID_MAX_CHARS} characters, without '/'", param_hint="USER_ID")
+    check_user_id(user_id)
     config = current_app.config
     if config["JWT_JWKS_URL"] or config["JWT_OIDC_ISSUER"]:
         raise click.ClickException("the tokens come from the identity provider (JWT_JWKS_URL or JWT_OIDC_ISSUER): "
@@ -59,7 +64,38 @@ def purge_idempotency_keys() -> None:
     click.echo(f"removed {removed} expired idempotency keys")
 
 
-COMMANDS = (create_token, purge_idempotency_keys)
+# A user's own limit is stored as a BIGINT.
+BUDGET_MAX_TOKENS = 2**63 - 1
+
+
+@click.command("set-budget")
+@with_appcontext
+@click.argument("user_id")
+@click.argument("tokens", metavar="TOKENS|unlimited|default")
+def set_budget(user_id: str, tokens: str) -> None:
+    """Give USER_ID a token budget of their own, for TOKEN_BUDGET's period: a number of tokens,
+    `unlimited`, or `default` (back to TOKEN_BUDGET's limit)."""
+    check_user_id(user_id)
+    budget = current_app.extensions["usage"].budget
+    choice = tokens.strip().lower()
+    if choice == "default":
+        had_one = queries.delete_token_budget(db.session, user_id)
+        db.session.commit()
+        default = "unlimited" if budget.default_limit is None else f"{budget.default_limit} tokens"
+        click.echo(f"{user_id}: TOKEN_BUDGET's limit ({default})" + ("" if had_one else "; they had none of their own"))
+    else:
+        if choice != "unlimited" and not (choice.isascii() and choice.isdigit() and int(choice) <= BUDGET_MAX_TOKENS):
+            raise click.BadParameter("must be a whole number of tokens, unlimited or default", param_hint="TOKENS")
+        limit = None if choice == "unlimited" else int(choice)
+        queries.set_token_budget(db.session, user_id, limit)
+        db.session.commit()
+        click.echo(f"{user_id}: {'unlimited' if limit is None else f'{limit} tokens'} a {budget.period or 'period'}")
+    if not budget.enabled:
+        click.echo("note: TOKEN_BUDGET is unset, so no budget applies to anyone until it is set "
+                   "(e.g. 'unlimited per month' to limit only the users given a limit of their own)", err=True)
+
+
+COMMANDS = (create_token, purge_idempotency_keys, set_budget)
 
 
 def register_commands(app: Flask) -> None:

@@ -76,6 +76,12 @@ class RateLimited(ApiError):
     status, code, detail = 429, "rate_limited", "Rate limit exceeded"
 
 
+class QuotaExceeded(ApiError):
+    """The user's token budget is used up; Retry-After: the seconds until its period resets."""
+
+    status, code, detail = 429, "quota_exceeded", "Token budget used up for this period"
+
+
 class ConversationNotFound(ApiError):
     status, code, detail = 404, "conversation_not_found", "Conversation not found"
 

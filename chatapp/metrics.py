@@ -34,6 +34,12 @@ AGENT_DURATION = Histogram(
 BREAKER_OPEN = Gauge("chatapp_agent_breaker_open", "1 while the agent's circuit breaker is open (or half open), per process",
                      ["agent"], multiprocess_mode="liveall")
 KEY_SET_FETCHES = Counter("chatapp_jwks_fetch_total", "Fetches of the identity provider's key set, by outcome", ["outcome"])
+TOKENS = Counter("chatapp_tokens_total", "Tokens counted for stored turns (estimated where the agent reported none), "
+                 "by the model that answered and kind (prompt, completion)", ["model", "kind"])
+# Models are named by clients (any string, without ALLOWED_MODELS) and by the agent: past this many
+# distinct names in a process, the rest are counted as "other", so that the series stay few.
+MODEL_LABELS_MAX = 50
+_model_labels: set[str] = set()
 TURNS_IN_FLIGHT = Gauge("chatapp_turns_in_flight", "Chat turns being served now", multiprocess_mode="livesum")
 
 
@@ -55,6 +61,23 @@ def count_key_set_fetch(outcome: str) -> None:
 
 def observe_agent_call(seconds: float, kind: str | None, agent: str = "primary") -> None:
     AGENT_DURATION.labels(agent_outcome(kind), agent).observe(seconds)
+
+
+def model_label(model: str) -> str:
+    """The model's own label while there are few; "other" past MODEL_LABELS_MAX of them."""
+    if model in _model_labels:
+        return model
+    if len(_model_labels) >= MODEL_LABELS_MAX:
+        return "other"
+    _model_labels.add(model)
+    return model
+
+
+def count_tokens(model: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """A stored turn's tokens, as its user's counters took them."""
+    label = model_label(model)
+    TOKENS.labels(label, "prompt").inc(prompt_tokens)
+    TOKENS.labels(label, "completion").inc(completion_tokens)
 
 
 def set_breaker_open(agent: str, is_open: bool) -> None:

@@ -1,8 +1,12 @@
 """The stored conversation: Conversation and its Messages, numbered per conversation."""
+import json
 import uuid
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint, Uuid
+from sqlalchemy import (
+    BigInteger, Date, DateTime, ForeignKey, Index, Integer, PrimaryKeyConstraint, String, Text, TypeDecorator,
+    UniqueConstraint, Uuid,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from chatapp.extensions import db
@@ -27,6 +31,20 @@ class UTCDateTime(TypeDecorator):
         if value is None:
             return None
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class JSONText(TypeDecorator):
+    """A JSON value kept as compact ASCII text: stored and read back as is on every database (never
+    queried inside; PostgreSQL's json type would refuse some escapes that the agent may send)."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return json.dumps(value, separators=(",", ":")) if value is not None else None
+
+    def process_result_value(self, value, dialect):
+        return json.loads(value) if value is not None else None
 
 
 class Conversation(db.Model):
@@ -67,6 +85,7 @@ class Message(db.Model):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     model: Mapped[str | None] = mapped_column(String(MODEL_MAX_CHARS))  # an answer's: the model that gave it
     finish_reason: Mapped[str | None] = mapped_column(String(16))  # an answer's: stop, length or stopped
+    usage: Mapped[dict | None] = mapped_column(JSONText)  # an answer's: the token usage the agent reported
 
 
 class IdempotencyKey(db.Model):
@@ -84,3 +103,30 @@ class IdempotencyKey(db.Model):
     response_body: Mapped[str | None] = mapped_column(Text)
     conversation_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DailyUsage(db.Model):
+    """What one user spent on one UTC day: turns, prompt and completion tokens, and how many of
+    those turns were estimated (the agent reported no usage). One row a user and day, added to in
+    each turn's own transaction."""
+
+    __tablename__ = "daily_usage"
+    __table_args__ = (PrimaryKeyConstraint("user_id", "day"),)
+
+    user_id: Mapped[str] = mapped_column(String(USER_ID_MAX_CHARS))
+    day: Mapped[date] = mapped_column(Date)
+    turns: Mapped[int] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger)
+    estimated_turns: Mapped[int] = mapped_column(Integer)
+
+
+class TokenBudget(db.Model):
+    """One user's own token budget, in place of TOKEN_BUDGET's limit (`flask set-budget`):
+    `token_limit` None is unlimited."""
+
+    __tablename__ = "token_budgets"
+
+    user_id: Mapped[str] = mapped_column(String(USER_ID_MAX_CHARS), primary_key=True)
+    token_limit: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

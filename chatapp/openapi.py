@@ -18,7 +18,7 @@ from flask import Flask
 from marshmallow import Schema
 
 from chatapp import errors
-from chatapp.schemas import IDEMPOTENCY_KEY_JSON_PATTERN, Cursor, ErrorSchema
+from chatapp.schemas import IDEMPOTENCY_KEY_JSON_PATTERN, Cursor, Day, ErrorSchema
 from chatapp.values import USER_ID_MAX_CHARS
 
 OPENAPI_VERSION = "3.0.3"
@@ -57,8 +57,9 @@ A chat back end between client applications and an OpenAI-compatible LLM server.
 
 Every chat request runs the same five steps, in order, and the first that fails decides the
 answer: validate the request (400, 413), authenticate the bearer JWT (401, 403; then the per-user
-rate limit, 429, and the idempotency key, 409 or 422), resolve the conversation (404, 409), call
-the agent and store the turn in one transaction (503, nothing stored), return the answer.
+rate limit, 429, the idempotency key, 409 or 422, and the user's token budget, 429), resolve the
+conversation (404, 409), call the agent and store the turn in one transaction (503, nothing
+stored), return the answer.
 
 Every error is JSON: `{"detail", "code", "request_id"}` (and `errors` per field for a 400 from
 validation), with the `X-Request-ID` header that every answer carries. Send `Idempotency-Key` to
@@ -67,6 +68,7 @@ true`. The project's docs/api.md is the full reference."""
 TAGS = (
     {"name": "chat", "description": "Send a message and get the agent's answer, whole or streamed (server-sent events)."},
     {"name": "history", "description": "The user's stored conversations and their messages; deleting a conversation."},
+    {"name": "usage", "description": "What each user spent, day by day, and their token budget."},
     {"name": "operations", "description": "Probes for load balancers and platforms, and Prometheus metrics."},
 )
 CONVERSATION_ID_EXAMPLE = "5b0b6c1e-2f4e-4a53-9d1a-8f0c3c1f2b7e"
@@ -115,13 +117,24 @@ EXAMPLES = {
                  "content": "Hello!", "created_at": "2026-11-25T21:04:04.001234+00:00"},
                 {"message_id": "c3a1f0d2-7a4b-4c1e-9f3a-2b6d8e0f1a2c", "seq": 2, "role": "assistant",
                  "content": "Hello! How can I help?", "created_at": "2026-11-25T21:04:05.123456+00:00",
-                 "model": "gpt-4", "finish_reason": "stop"},
+                 "model": "gpt-4", "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+                 "finish_reason": "stop"},
             ],
             "has_more": False,
         },
     },
     "delete_conversation": {"response": None},
     "stop_turn": {"response": {"conversation_id": CONVERSATION_ID_EXAMPLE, "stopped": True}},
+    "get_usage": {
+        "response": {
+            "from": "2026-12-01", "to": "2026-12-31", "turns": 42, "prompt_tokens": 51234, "completion_tokens": 9876,
+            "total_tokens": 61110, "estimated_turns": 2,
+            "days": [{"date": "2026-12-05", "turns": 30, "prompt_tokens": 40000, "completion_tokens": 7000, "total_tokens": 47000},
+                     {"date": "2026-12-06", "turns": 12, "prompt_tokens": 11234, "completion_tokens": 2876, "total_tokens": 14110}],
+            "budget": {"limit": 5000000, "period": "month", "used": 61110, "remaining": 4938890,
+                       "resets_at": "2027-01-01T00:00:00+00:00"},
+        },
+    },
     "healthz": {"response": {"status": "ok"}},
     "readyz": {"response": {"status": "ready", "agent": "closed"}},
     "metrics": {"response": "# HELP chatapp_turns_in_flight Chat turns being served now\n"
@@ -232,6 +245,7 @@ def build_openapi(app: Flask) -> dict:
     spec = APISpec(title="chatapp", version="1.0.0", openapi_version=OPENAPI_VERSION, plugins=[marshmallow],
                    info={"description": INFO_DESCRIPTION})
     marshmallow.map_to_openapi_type(Cursor, "string", None)
+    marshmallow.map_to_openapi_type(Day, "string", "date")
     spec.components.security_scheme("bearerAuth", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"})
     spec.components.security_scheme("metricsToken", {
         "type": "http", "scheme": "bearer", "description": "METRICS_TOKEN, when the service has one set"})

@@ -1,14 +1,15 @@
 """The SQL of the service: every statement reads or writes a bounded number of rows. Each function
 runs on the session it is given (the request's, or one of a background thread's)."""
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import NamedTuple
 
 from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from chatapp.models import Conversation, IdempotencyKey, Message
+from chatapp.models import Conversation, DailyUsage, IdempotencyKey, Message, TokenBudget, utcnow
 
 # The hot path writes through the tables (SQLAlchemy Core): the ORM's unit of work and session
 # synchronisation cost a turn more than its SQL does, and no ORM object is loaded anyway.
@@ -291,6 +292,7 @@ class StoredMessage(NamedTuple):
     created_at: datetime
     model: str | None
     finish_reason: str | None
+    usage: dict | None
 
 
 _SUMMARY_COLUMNS = (
@@ -323,7 +325,8 @@ def find_conversation_summary(session: Session, user_id: str, conversation_id: u
 def list_messages(session: Session, conversation_id: uuid.UUID, limit: int, before_seq: int | None) -> list[StoredMessage]:
     """Up to `limit` messages just before sequence number `before_seq` (the latest when None),
     newest first: one range scan of the (conversation_id, seq) index."""
-    query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at, Message.model, Message.finish_reason).where(
+    query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at, Message.model, Message.finish_reason,
+                   Message.usage).where(
         Message.conversation_id == conversation_id
     )
     if before_seq is not None:
@@ -345,3 +348,92 @@ def delete_conversation(session: Session, user_id: str, conversation_id: uuid.UU
         .execution_options(**_BULK)
     )
     return result.rowcount == 1
+
+
+daily_usage = DailyUsage.__table__
+token_budgets = TokenBudget.__table__
+
+
+def _add_daily_usage_statement(dialect_insert):
+    """INSERT ... ON CONFLICT (user_id, day) DO UPDATE adding to the row: one statement whatever
+    the history, atomic under concurrent turns of one user (PostgreSQL and SQLite both have it)."""
+    statement = dialect_insert(daily_usage).values(
+        user_id=_param("owner", daily_usage.c.user_id), day=_param("day", daily_usage.c.day), turns=1,
+        prompt_tokens=_param("prompt_tokens", daily_usage.c.prompt_tokens),
+        completion_tokens=_param("completion_tokens", daily_usage.c.completion_tokens),
+        estimated_turns=_param("estimated_turns", daily_usage.c.estimated_turns))
+    added = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[daily_usage.c.user_id, daily_usage.c.day],
+        set_={name: daily_usage.c[name] + added[name]
+              for name in ("turns", "prompt_tokens", "completion_tokens", "estimated_turns")})
+
+
+_ADD_DAILY_USAGE = {"postgresql": _add_daily_usage_statement(postgresql.insert),
+                    "sqlite": _add_daily_usage_statement(sqlite.insert)}
+
+
+def add_daily_usage(session: Session, user_id: str, day: date, prompt_tokens: int, completion_tokens: int,
+                    estimated: bool) -> None:
+    """Count one turn in the user's row for `day`."""
+    statement = _ADD_DAILY_USAGE[session.get_bind().dialect.name]
+    session.execute(statement, {"owner": user_id, "day": day, "prompt_tokens": prompt_tokens,
+                                "completion_tokens": completion_tokens, "estimated_turns": int(estimated)})
+
+
+def _budget_standing_statement():
+    """The tokens the user used from one day to another, whether they have a limit of their own,
+    and that limit: one round trip, through the two tables' primary keys."""
+    owner = _param("owner", daily_usage.c.user_id)
+    used = (select(func.coalesce(func.sum(daily_usage.c.prompt_tokens + daily_usage.c.completion_tokens), 0))
+            .where(daily_usage.c.user_id == owner, daily_usage.c.day >= _param("first_day", daily_usage.c.day),
+                   daily_usage.c.day <= _param("last_day", daily_usage.c.day)))
+    own = token_budgets.c.user_id == owner
+    return select(used.scalar_subquery(), exists().where(own), select(token_budgets.c.token_limit).where(own).scalar_subquery())
+
+
+_BUDGET_STANDING = _budget_standing_statement()
+
+
+def budget_standing(session: Session, user_id: str, first_day: date, last_day: date) -> tuple[int, bool, int | None]:
+    """(tokens used from `first_day` to `last_day`, whether the user has a limit of their own, that
+    limit: None is unlimited)."""
+    used, has_own_limit, own_limit = session.execute(
+        _BUDGET_STANDING, {"owner": user_id, "first_day": first_day, "last_day": last_day}).one()
+    return int(used), bool(has_own_limit), own_limit
+
+
+class UsageDay(NamedTuple):
+    """A user's counters for one UTC day."""
+
+    date: date
+    turns: int
+    prompt_tokens: int
+    completion_tokens: int
+    estimated_turns: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_days(session: Session, user_id: str, first_day: date, last_day: date) -> list[UsageDay]:
+    """The user's counters from `first_day` to `last_day`, oldest first: the days with turns only."""
+    rows = session.execute(
+        select(daily_usage.c.day, daily_usage.c.turns, daily_usage.c.prompt_tokens, daily_usage.c.completion_tokens,
+               daily_usage.c.estimated_turns)
+        .where(daily_usage.c.user_id == user_id, daily_usage.c.day >= first_day, daily_usage.c.day <= last_day)
+        .order_by(daily_usage.c.day)
+    ).all()
+    return [UsageDay(*row) for row in rows]
+
+
+def set_token_budget(session: Session, user_id: str, token_limit: int | None) -> None:
+    """Give the user a limit of their own (None: unlimited), replacing any they had."""
+    session.execute(delete(token_budgets).where(token_budgets.c.user_id == user_id))
+    session.execute(insert(token_budgets).values(user_id=user_id, token_limit=token_limit, updated_at=utcnow()))
+
+
+def delete_token_budget(session: Session, user_id: str) -> bool:
+    """Take the user back to TOKEN_BUDGET's limit; False when they had none of their own."""
+    return session.execute(delete(token_budgets).where(token_budgets.c.user_id == user_id)).rowcount == 1

@@ -5,7 +5,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, validate, validates
 
@@ -243,6 +243,8 @@ class MessageSchema(Schema):
     created_at = fields.DateTime(format="iso", required=True)
     model = fields.String(allow_none=True, metadata={"description": "An assistant message's: the model that answered "
                                                      "(null for answers stored before it was kept); absent on user messages"})
+    usage = fields.Dict(allow_none=True, metadata={
+        "description": "An assistant message's: the token usage as the agent reported it, or null; absent on user messages"})
     finish_reason = fields.String(allow_none=True, validate=validate.OneOf(FINISH_REASONS), metadata={
         "description": "An assistant message's: stop, length or stopped (null for answers stored before it was kept); "
                        "absent on user messages"})
@@ -250,7 +252,7 @@ class MessageSchema(Schema):
     @post_dump
     def only_answers_say_how_they_came(self, data, **_kwargs):
         if data["role"] != "assistant":
-            del data["model"], data["finish_reason"]
+            del data["model"], data["finish_reason"], data["usage"]
         return data
 
 
@@ -263,6 +265,83 @@ class MessageListSchema(Schema):
     conversation_id = fields.UUID(required=True)
     messages = fields.List(fields.Nested(MessageSchema), required=True)
     has_more = fields.Boolean(required=True)
+
+
+USAGE_RANGE_MAX_DAYS = 366
+DAY_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+class Day(fields.Field):
+    """A calendar day written YYYY-MM-DD, nothing else (marshmallow's Date also takes 2026-1-5)."""
+
+    default_error_messages = {"invalid": "Not a valid date: YYYY-MM-DD."}
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return None if value is None else value.isoformat()
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, str) or not DAY_PATTERN.fullmatch(value):
+            raise self.make_error("invalid")
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            raise self.make_error("invalid") from None
+
+
+class UsageQuerySchema(QuerySchema):
+    """GET /usage's range: both days included; each one left out is the current period's."""
+
+    first_day = Day(data_key="from", load_default=None, metadata={
+        "description": "First day (UTC), YYYY-MM-DD; default: the first of the current budget period (or UTC month)",
+        "format": "date"})
+    last_day = Day(data_key="to", load_default=None, metadata={
+        "description": "Last day (UTC), YYYY-MM-DD, at most 366 days from `from`; default: the last of the current "
+                       "budget period (or UTC month)", "format": "date"})
+
+    def load_range(self, args: dict, default_first: date, default_last: date) -> tuple[date, date]:
+        """The days asked for, defaults applied: `from` not after `to`, at most 366 days."""
+        loaded = self.load(args)
+        first, last = loaded["first_day"] or default_first, loaded["last_day"] or default_last
+        if first > last:
+            raise ValidationError({"from": [f"Must not be after to ({first.isoformat()} > {last.isoformat()})."]})
+        if (last - first).days + 1 > USAGE_RANGE_MAX_DAYS:
+            raise ValidationError({"to": [f"Must be at most {USAGE_RANGE_MAX_DAYS} days from from, both included."]})
+        return first, last
+
+
+class UsageDaySchema(Schema):
+    date = Day(required=True, metadata={"format": "date"})
+    turns = fields.Integer(required=True)
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    total_tokens = fields.Integer(required=True)
+
+
+class BudgetSchema(Schema):
+    """The user's token budget in the current period."""
+
+    limit = fields.Integer(required=True, metadata={"description": "Tokens a period"})
+    period = fields.String(attribute="period.name", required=True, validate=validate.OneOf(["day", "month"]))
+    used = fields.Integer(required=True, metadata={"description": "Tokens used so far in this period"})
+    remaining = fields.Integer(required=True)
+    resets_at = fields.DateTime(attribute="period.resets_at", format="iso", required=True,
+                                metadata={"description": "When the next period starts (UTC midnight)"})
+
+
+class UsageSchema(Schema):
+    """GET /api/<user_id>/usage: the totals of the range, its days with turns, the budget now."""
+
+    first_day = Day(data_key="from", required=True, metadata={"format": "date"})
+    last_day = Day(data_key="to", required=True, metadata={"format": "date"})
+    turns = fields.Integer(required=True)
+    prompt_tokens = fields.Integer(required=True)
+    completion_tokens = fields.Integer(required=True)
+    total_tokens = fields.Integer(required=True)
+    estimated_turns = fields.Integer(required=True, metadata={
+        "description": "Turns whose agent reported no usage: counted ceil(characters / 4) of what it was sent and answered"})
+    days = fields.List(fields.Nested(UsageDaySchema), required=True, metadata={"description": "Only the days with turns"})
+    budget = fields.Nested(BudgetSchema, allow_none=True, required=True, metadata={
+        "description": "null when no limit applies to the user"})
 
 
 class HealthSchema(Schema):

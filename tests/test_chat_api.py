@@ -217,8 +217,9 @@ def test_statements_per_turn_do_not_grow_with_history(app, chat, agent_server, c
     assert len(agent_server.requests[-1].json["messages"]) == min(history_length, 50) + 1
 
 
-# UPDATE (claim) the conversation, SELECT its history, UPDATE its message count, INSERT both messages.
-EXPECTED_STATEMENTS_PER_CONTINUED_TURN = 4
+# UPDATE (claim) the conversation, SELECT its history, UPDATE its message count, INSERT both messages,
+# INSERT ... ON CONFLICT DO UPDATE the user's usage of the day.
+EXPECTED_STATEMENTS_PER_CONTINUED_TURN = 5
 
 
 def seed_history(app, conversation_id, length):

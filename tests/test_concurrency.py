@@ -1,6 +1,7 @@
 """Real concurrency: threads posting through gunicorn, two server processes sharing one database,
 and a bounded stress run with retries of the same keys."""
 import collections
+import json
 import random
 import threading
 import time
@@ -209,3 +210,45 @@ def test_stress_histories_stay_complete_alternating_and_gap_free(two_servers, ag
             f"other {tally['requests'] - tally['200'] - tally['replayed'] - tally['409 conversation_busy'] - tally['409 idempotency_in_progress']}; "
             f"{len(agent_server.requests)} agent calls, {len(rows)} messages stored, {keys_stored} keys stored"
         )
+
+
+def test_twenty_turns_near_the_budget_pass_it_by_at_most_the_turns_in_flight(live_env, agent_server, database_uri):
+    """Turns already past the budget check finish, so a budget may be passed by what the turns in
+    flight use, and no more; the counters stay exact under 20 concurrent upserts from two workers."""
+    warm_up, concurrent, turn_tokens = 4, 20, 7  # the echo agent reports 7 tokens a turn
+    env = {**live_env, "TOKEN_BUDGET": f"{warm_up * turn_tokens + 2} per day"}
+    headers = AuthActions().headers()
+    all_arrived = threading.Event()
+
+    def hold_until_all_arrived(_request):  # every concurrent turn is at the agent before any is stored
+        if len(agent_server.requests) >= warm_up + concurrent:
+            all_arrived.set()
+        all_arrived.wait(15)
+
+    with LiveServer(env, workers=2, threads=concurrent) as server:
+        url = f"{server.url}/api/alice/chat"
+        for _ in range(warm_up):  # 28 of 30 tokens
+            assert requests.post(url, json={"message": "warm up"}, headers=headers, timeout=10).status_code == 200
+        agent_server.on_request = hold_until_all_arrived
+        with ThreadPoolExecutor(concurrent) as pool:
+            responses = list(pool.map(lambda n: requests.post(url, json={"message": f"turn {n}"}, headers=headers, timeout=30),
+                                      range(concurrent)))
+        agent_server.on_request = None
+        assert [response.status_code for response in responses] == [200] * concurrent
+        over = requests.post(url, json={"message": "one more"}, headers=headers, timeout=10)
+        assert (over.status_code, over.json()["code"]) == (429, "quota_exceeded")
+        usage = requests.get(f"{server.url}/api/alice/usage", headers=headers, timeout=10).json()
+
+    turns = warm_up + concurrent
+    assert len(agent_server.requests) == turns
+    assert usage["turns"] == turns and usage["total_tokens"] == turns * turn_tokens
+    assert usage["total_tokens"] - usage["budget"]["limit"] <= concurrent * turn_tokens
+    engine = create_engine(database_uri)
+    with engine.connect() as connection:
+        stored = connection.execute(text("SELECT usage FROM messages WHERE role = 'assistant'")).scalars().all()
+        counted = connection.execute(text("SELECT turns, prompt_tokens, completion_tokens, estimated_turns FROM daily_usage "
+                                          "WHERE user_id = 'alice'")).one()
+    engine.dispose()
+    reported = [json.loads(value) for value in stored]
+    assert tuple(counted) == (len(reported), sum(u["prompt_tokens"] for u in reported),
+                              sum(u["completion_tokens"] for u in reported), 0) == (turns, turns * 3, turns * 4, 0)

@@ -8,7 +8,7 @@ import pytest
 
 from chatapp import create_app
 import config as config_module
-from config import ConfigError, DevelopmentConfig, ProductionConfig, config_from_env, database_url
+from config import ConfigError, DevelopmentConfig, ProductionConfig, config_from_env, database_url, parse_token_budget
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG_SECRET = "s" * 32
@@ -34,6 +34,22 @@ def test_defaults_are_the_contracts(environ):
     assert config.IDEMPOTENCY_TTL == 86400
     assert config.LOG_FORMAT == "text"
     assert ProductionConfig().LOG_FORMAT == "json"
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("200000 per day", (200000, "day")), ("5000000 per month", (5000000, "month")), ("0 per day", (0, "day")),
+    (" 10  PER  Month ", (10, "month")), ("unlimited per month", (None, "month")), ("Unlimited per day", (None, "day")),
+])
+def test_token_budget_reads_a_limit_and_a_period(value, parsed):
+    assert parse_token_budget(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["200000", "200000 per week", "200000 a day", "-5 per day", "1e6 per day", "1.5 per day",
+                                   "lots per day", "per day", "200000 per day extra", "２ per day"])
+def test_a_token_budget_that_cannot_be_read_stops_the_service(environ, value):
+    environ.setenv("TOKEN_BUDGET", value)
+    with pytest.raises(ConfigError, match="^TOKEN_BUDGET must read like"):
+        DevelopmentConfig().validate()
 
 
 def test_database_pool_settings(environ, tmp_path):
@@ -169,4 +185,4 @@ def test_serving_does_not_load_the_migration_tools(tmp_path):
         [sys.executable, "-c", f"import sqlite3; print(sorted(r[0] for r in sqlite3.connect({str(tmp_path / 'app.db')!r}).execute(\"select name from sqlite_master where type='table'\")))"],
         capture_output=True, text=True, timeout=60,
     )
-    assert tables.stdout.strip() == "['alembic_version', 'conversations', 'idempotency_keys', 'messages']"
+    assert tables.stdout.strip() == "['alembic_version', 'conversations', 'daily_usage', 'idempotency_keys', 'messages', 'token_budgets']"

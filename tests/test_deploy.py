@@ -36,6 +36,7 @@ REFUSALS = {
     "an unknown algorithm": ({"JWT_ALGORITHM": "none"}, "JWT_ALGORITHM"),
     "a public key that is not one": ({"JWT_PUBLIC_KEY": "not a key", "JWT_ALGORITHM": "RS256"}, "JWT_PUBLIC_KEY"),
     "an unreadable rate limit": ({"RATE_LIMIT": "lots"}, "RATE_LIMIT"),
+    "an unreadable token budget": ({"TOKEN_BUDGET": "200000 per week"}, "TOKEN_BUDGET"),
     "a Redis URL that is not one": ({"REDIS_URL": "127.0.0.1:6379"}, "REDIS_URL"),
     "an unknown log format": ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     "two key sources": ({"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "JWT_JWKS_URL": "https://idp.example/keys"},

@@ -87,7 +87,7 @@ def test_message_pages_go_backwards(chat, get):
     assert (first["role"], first["content"]) == ("user", "m1")
     answer = oldest["messages"][1]
     assert (answer["content"], answer["model"], answer["finish_reason"]) == ("You said: m1", "gpt-4", "stop")
-    assert set(answer) == {"message_id", "seq", "role", "content", "created_at", "model", "finish_reason"}
+    assert set(answer) == {"message_id", "seq", "role", "content", "created_at", "model", "usage", "finish_reason"}
     assert datetime.fromisoformat(first["created_at"]).utcoffset() == timedelta(0)
     assert get(f"/conversations/{conversation_id}/messages").get_json()["has_more"] is False  # default 50
 

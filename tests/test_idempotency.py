@@ -261,8 +261,9 @@ def test_statements_with_an_idempotency_key_do_not_grow_with_history(app, chat, 
         with count_statements() as counter:
             chat.post({"message": "next", "conversation_id": conversation_id}, headers={"Idempotency-Key": f"k{length}"})
         counts.append(len(counter.statements))
-    # INSERT key; UPDATE claim RETURNING; SELECT history; UPDATE conversation; INSERT messages; UPDATE key.
-    assert counts == [6, 6]
+    # INSERT key; UPDATE claim RETURNING; SELECT history; UPDATE conversation; INSERT messages; upsert the
+    # day's usage; UPDATE key.
+    assert counts == [7, 7]
 
 
 def test_the_turn_and_its_key_commit_together(app, chat, agent_server, store):

@@ -21,6 +21,7 @@ OPERATIONS = {
     ("/api/{user_id}/conversations/{conversation_id}", "delete"): {"204", "400", "401", "403", "404", "409", "500", "503"},
     ("/api/{user_id}/conversations/{conversation_id}/messages", "get"): {"200", "400", "401", "403", "404", "500", "503"},
     ("/api/{user_id}/conversations/{conversation_id}/stop", "post"): {"200", "400", "401", "403", "404", "409", "500", "503"},
+    ("/api/{user_id}/usage", "get"): {"200", "400", "401", "403", "404", "500", "503"},
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
     ("/metrics", "get"): {"200"},
@@ -64,7 +65,7 @@ def operations(document):
 def test_the_document_reads_well_in_generators_and_swagger_ui(document):
     assert len(document["info"]["description"]) > 200
     tags = {tag["name"]: tag["description"] for tag in document["tags"]}
-    assert set(tags) == {"chat", "history", "operations"} and all(tags.values())
+    assert set(tags) == {"chat", "history", "usage", "operations"} and all(tags.values())
     ids = [operation["operationId"] for _path, _method, operation in operations(document)]
     assert len(ids) == len(set(ids)) == len(operations(document))
     assert all(re.fullmatch(r"[a-z][a-z_]*", operation_id) for operation_id in ids)

@@ -79,6 +79,7 @@ def event_stream_response(turn: TurnResponse | TurnStream | ResumedStream, last_
     errors=(
         errors.PayloadTooLarge,
         errors.RateLimited,
+        errors.QuotaExceeded,
         errors.ConversationNotFound,
         errors.ConversationBusy,
         errors.IdempotencyInProgress,
@@ -96,7 +97,7 @@ def chat(user_id: str):
     chat_request = load_chat_request(user_id)  # 1. validate
     authenticate(user_id)  # 2. authenticate,
     note(user_id=user_id, conversation_id=chat_request.conversation_id)
-    enforce_rate_limit(user_id)  # then the rate limit (and, in the service, the idempotency key)
+    enforce_rate_limit(user_id)  # then the rate limit (and, in the service, the idempotency key and the budget)
     with TURNS_IN_FLIGHT.track_inprogress():
         turn = current_app.extensions["chat_service"].send(  # 3. resolve the conversation; 4. execute the agent
             user_id, chat_request, request_id=g.request_id, note=note)
