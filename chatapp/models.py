@@ -61,6 +61,8 @@ class Conversation(db.Model):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[str] = mapped_column(String(USER_ID_MAX_CHARS))
     title: Mapped[str] = mapped_column(String(TITLE_MAX_CHARS))
+    # The client's own string keys and values (`metadata` is the declarative base's own name).
+    meta: Mapped[dict | None] = mapped_column("metadata", JSONText)
     message_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -86,6 +88,10 @@ class Message(db.Model):
     model: Mapped[str | None] = mapped_column(String(MODEL_MAX_CHARS))  # an answer's: the model that gave it
     finish_reason: Mapped[str | None] = mapped_column(String(16))  # an answer's: stop, length or stopped
     usage: Mapped[dict | None] = mapped_column(JSONText)  # an answer's: the token usage the agent reported
+    # An answer's feedback from its user: a rating (like, dislike or none), a comment, when it was given.
+    feedback_rating: Mapped[str | None] = mapped_column(String(16))
+    feedback_comment: Mapped[str | None] = mapped_column(Text)
+    feedback_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class IdempotencyKey(db.Model):

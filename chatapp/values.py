@@ -10,7 +10,13 @@ MESSAGE_MAX_CHARS = 10_000
 CONVERSATION_ID_MAX_CHARS = 64
 MODEL_MAX_CHARS = 255
 IDEMPOTENCY_KEY_MAX_CHARS = 255
-TITLE_MAX_CHARS = 80
+TITLE_MAX_CHARS = 200  # a title a user gives (PATCH)
+AUTO_TITLE_CHARS = 80  # a new conversation's title: the start of its first message
+# A conversation's metadata: string keys and values, few and short.
+METADATA_MAX_KEYS, METADATA_KEY_MAX_CHARS, METADATA_VALUE_MAX_CHARS = 16, 64, 512
+# Feedback on an answer: a rating of these (or none) and a comment.
+FEEDBACK_RATINGS = ("like", "dislike")
+FEEDBACK_COMMENT_MAX_CHARS = 2000
 # Why an answer ended: the agent finished; it hit its token limit; the user stopped the turn.
 FINISHED, CUT_AT_LENGTH, STOPPED = "stop", "length", "stopped"
 FINISH_REASONS = (FINISHED, CUT_AT_LENGTH, STOPPED)
@@ -62,4 +68,4 @@ def parse_conversation_id(value: str) -> uuid.UUID:
 
 def conversation_title(first_message: str) -> str:
     """A new conversation's title: the start of its first message, on one line."""
-    return " ".join(first_message.split())[:TITLE_MAX_CHARS]
+    return " ".join(first_message.split())[:AUTO_TITLE_CHARS]

@@ -1,6 +1,7 @@
 """Operating it: health probes, the create-token command, the migrations."""
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 
 from chatapp.extensions import db
 
@@ -44,6 +45,25 @@ def test_migrations_match_the_models(app):
     with app.app_context(), db.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
     assert differences == []
+
+
+def test_migrations_that_rebuild_a_table_keep_every_row_that_refers_to_it(app, chat, store):
+    """On SQLite, altering the conversations' title rebuilds their table: with foreign keys on,
+    dropping the old one would have deleted every message (ON DELETE CASCADE)."""
+    from flask_migrate import downgrade, upgrade
+
+    conversation_id = chat.turn("kept")["conversation_id"]
+    chat.turn("kept too", conversation_id=conversation_id, headers={"Idempotency-Key": "kept"})
+    with app.app_context():
+        db.session.remove()
+        downgrade(revision="4f7d2b91c0e3")
+        upgrade()
+        if db.engine.dialect.name == "sqlite":
+            assert db.session.execute(text("PRAGMA foreign_keys")).scalar() == 1  # on again for the app
+        db.session.remove()
+    assert store.counts() == (1, 4)
+    assert chat.post({"message": "kept too", "conversation_id": conversation_id},
+                     headers={"Idempotency-Key": "kept"}).headers["Idempotent-Replayed"] == "true"
 
 
 def test_the_root_leads_a_browser_to_the_docs(client):
