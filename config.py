@@ -228,6 +228,9 @@ class Config:
         self.REDIS_URL = _env("REDIS_URL")
         self.CORS_ORIGINS = _env_list("CORS_ORIGINS")
         self.IDEMPOTENCY_TTL = _env_int("IDEMPOTENCY_TTL", 86400)
+        # `flask purge` deletes conversations not updated for this many days (chatapp/user_data.py);
+        # None: conversations are kept for good.
+        self.RETENTION_DAYS = _env_int("RETENTION_DAYS", None)
         # A turn's claims on its conversation and key are leases this long, renewed while it runs:
         # the claims of a worker that died lapse this long after its last renewal (chatapp/claims.py).
         self.TURN_LEASE_SECONDS = _env_float("TURN_LEASE_SECONDS", 10.0)
@@ -271,6 +274,8 @@ class Config:
                      "DATABASE_PING_AFTER_IDLE"):
             _require(name, getattr(self, name) >= 0, "must not be negative")
         _require("PORT", 1 <= self.PORT <= 65535, "must be a TCP port, 1 to 65535")
+        _require("RETENTION_DAYS", self.RETENTION_DAYS is None or self.RETENTION_DAYS >= 1,
+                 "must be at least 1 (unset: conversations are kept for good)")
         _require("LOG_FORMAT", self.LOG_FORMAT in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}")
         _require("LOG_LEVEL", self.LOG_LEVEL in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}")
         try:

@@ -18,6 +18,7 @@ from chatapp.extensions import db, jwt, ping_idle_connections
 from chatapp.models import utcnow
 from chatapp.routes import chat, conversations, docs, health
 from chatapp.routes import usage as usage_routes
+from chatapp.routes import user_data as user_data_routes
 from chatapp.schemas import render_chat_response
 from chatapp.turn_log import LiveLog
 from config import Config, config_from_env, parse_token_budget
@@ -87,7 +88,7 @@ def register_extensions(app: Flask) -> None:
             app,
             origins=app.config["CORS_ORIGINS"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed", "WWW-Authenticate"],
+            expose_headers=["X-Request-ID", "Retry-After", "Idempotent-Replayed", "WWW-Authenticate", "Content-Disposition"],
             max_age=600,
         )
 
@@ -105,6 +106,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(chat.bp)
     app.register_blueprint(conversations.bp)
     app.register_blueprint(usage_routes.bp)
+    app.register_blueprint(user_data_routes.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(docs.bp)

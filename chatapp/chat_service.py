@@ -24,6 +24,7 @@ from chatapp.errors import (
     ConversationBusy,
     ConversationNotFound,
     IdempotencyInProgress,
+    MessageNotFound,
     NoTurnInProgress,
     TurnStopped,
     as_api_error,
@@ -83,6 +84,15 @@ class Turn:
     claims: TurnClaims
     asked_at: datetime = field(default_factory=utcnow)
     context: list[dict] = field(default_factory=list)  # what the agent is sent
+
+    @property
+    def answer_seq(self) -> int:
+        """The sequence number its answer is stored at: after the conversation's last message, or,
+        when it regenerates, in place of the last one (its latest answer)."""
+        if self.claims.conversation is None:
+            return 2
+        count = self.claims.conversation.message_count
+        return count if self.request.regenerate else count + 2
 
 
 class AgentTiming:
@@ -167,7 +177,7 @@ class ChatService:
             if request.conversation_id is not None:
                 claims.conversation = claim_conversation(session, user_id, request.conversation_id, self.leases.lease_seconds)
                 self.leases.hold(claims)
-            turn = Turn(user_id, request, claims, asked_at, self._context(session, claims, request.message))
+            turn = Turn(user_id, request, claims, asked_at, self._context(session, claims, request))
             if request.stream:
                 return TurnStream.start(self, turn, request_id)
             timing = AgentTiming(note)
@@ -188,7 +198,8 @@ class ChatService:
     def _claim_key(self, session: Session, user_id: str, request: ChatRequest):
         """The request's idempotency key held for this run (a KeyClaim), or the answer without a run:
         the replay, or, for a streamed request, the events of the run in progress or just ended."""
-        fingerprint = idempotency.request_fingerprint(request.message, request.conversation_id, request.model)
+        fingerprint = idempotency.request_fingerprint(request.message, request.conversation_id, request.model,
+                                                      regenerate=request.regenerate)
         last_id = request.last_event_id or 0
         waited_until = time.monotonic() + self.streams.longest_seconds
         while True:
@@ -222,15 +233,28 @@ class ChatService:
                                       self.streams.longest_seconds)
         return ResumedStream(events) if events is not None else None
 
-    def _context(self, session: Session, claims: TurnClaims, message: str) -> list[dict]:
-        """Step 4's input: the kept history and the new message. Commits the claim and ends the
+    def _context(self, session: Session, claims: TurnClaims, request: ChatRequest) -> list[dict]:
+        """Step 4's input: the kept history and the new message; to regenerate, the history before
+        the latest answer's question, and that question again. Commits the claim and ends the
         transaction, so that a slow agent holds no pooled connection."""
-        history = []
-        if claims.conversation is not None:
-            history = queries.recent_history(session, claims.conversation.id, self.policy.max_messages,
-                                             self.policy.max_chars)
+        history, message, conversation = [], request.message, claims.conversation
+        if conversation is not None:
+            before_seq = None
+            if request.regenerate:
+                before_seq = conversation.message_count - 1
+                message = self._latest_question(session, conversation.id, before_seq)
+            history = queries.recent_history(session, conversation.id, self.policy.max_messages, self.policy.max_chars,
+                                             before_seq)
         session.commit()
         return self.policy.messages(history, message)
+
+    @staticmethod
+    def _latest_question(session: Session, conversation_id: uuid.UUID, question_seq: int) -> str:
+        """The user message that the conversation's latest answer answers; 404 when there is none."""
+        latest = queries.messages_from(session, conversation_id, question_seq)
+        if [(seq, role) for seq, role, _ in latest] != [(question_seq, "user"), (question_seq + 1, "assistant")]:
+            raise MessageNotFound("The conversation has no answer to regenerate")
+        return latest[0][2]
 
     def stop(self, user_id: str, conversation_id: str, wait_seconds: float = STOP_WAIT_SECONDS) -> None:
         """Stop the turn in flight on the user's conversation, wherever it runs: mark it, wait for the
@@ -256,38 +280,42 @@ class ChatService:
         session.commit()
 
     def store(self, turn: Turn, reply: AgentReply) -> TurnResponse:
-        """Store the conversation (if new), both messages, the user's usage counters and the
-        idempotency record in one short transaction, and give the conversation back."""
+        """Store the conversation (if new), both messages (to regenerate: the new answer in place of
+        the latest one), the user's usage counters and the idempotency record in one short
+        transaction, and give the conversation back."""
         session = self.sessions()
-        conversation, answered_at = turn.claims.conversation, self.clock()
+        conversation, answered_at, answer_seq = turn.claims.conversation, self.clock(), turn.answer_seq
+        counted = usage.counted_usage(reply.usage, turn.context, reply.content)
+        day_usage = usage.day_usage(turn.user_id, answered_at, counted)  # counted with the conversation's row
         if conversation is None:
-            conversation_id, first_seq = uuid.uuid4(), 1
+            conversation_id = uuid.uuid4()
             queries.insert_conversation(session, {
                 "id": conversation_id, "user_id": turn.user_id, "title": conversation_title(turn.request.message),
-                "message_count": 2, "created_at": turn.asked_at, "updated_at": answered_at,
-            })
+                "message_count": answer_seq, "created_at": turn.asked_at, "updated_at": answered_at,
+            }, day_usage)
         else:
-            conversation_id, first_seq = conversation.id, conversation.message_count + 1
-            if not queries.finish_conversation_turn(session, conversation_id, conversation.token, first_seq + 1, answered_at):
+            conversation_id = conversation.id
+            if not queries.finish_conversation_turn(session, conversation_id, conversation.token, answer_seq, answered_at,
+                                                    day_usage):
                 raise ConversationBusy()  # our lease lapsed and another turn took the conversation
         message_id, model = uuid.uuid4(), reply.model or turn.request.model
         body = self.render(Answer(conversation_id=str(conversation_id), message_id=str(message_id),
                                   message=reply.content, role="assistant", created_at=answered_at,
                                   usage=reply.usage, model=model, finish_reason=reply.finish_reason))
-        try:
-            queries.insert_messages(session, [
-                {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": first_seq, "role": "user",
-                 "content": turn.request.message, "created_at": turn.asked_at, "model": None, "finish_reason": None,
-                 "usage": None},
-                {"id": message_id, "conversation_id": conversation_id, "seq": first_seq + 1, "role": "assistant",
+        rows = [{"id": message_id, "conversation_id": conversation_id, "seq": answer_seq, "role": "assistant",
                  "content": reply.content, "created_at": answered_at, "model": model,
-                 "finish_reason": reply.finish_reason, "usage": reply.usage},
-            ])
+                 "finish_reason": reply.finish_reason, "usage": reply.usage}]
+        if turn.request.regenerate:
+            queries.delete_message(session, conversation_id, answer_seq)  # the answer it replaces, feedback and all
+        else:
+            rows.insert(0, {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": answer_seq - 1, "role": "user",
+                            "content": turn.request.message, "created_at": turn.asked_at, "model": None,
+                            "finish_reason": None, "usage": None})
+        try:
+            queries.insert_messages(session, rows)
         except IntegrityError:
             # The unique (conversation_id, seq) index: the last guard against interleaved turns.
             raise ConversationBusy() from None
-        counted = usage.counted_usage(reply.usage, turn.context, reply.content)
-        usage.count_turn(session, turn.user_id, usage.utc_day(answered_at), counted)
         if turn.claims.key is not None:
             idempotency.complete_key(session, turn.claims.key, body, conversation_id)
         session.commit()

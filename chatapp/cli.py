@@ -9,7 +9,7 @@ from flask import Flask, current_app
 from flask.cli import with_appcontext
 from flask_jwt_extended import create_access_token
 
-from chatapp import idempotency, queries
+from chatapp import queries, user_data
 from chatapp.extensions import db
 from chatapp.values import USER_ID_MAX_CHARS
 
@@ -59,9 +59,27 @@ def create_token(user_id: str, expires_in: int, curl_base_url: str | None) -> No
 @with_appcontext
 def purge_idempotency_keys() -> None:
     """Delete idempotency keys older than IDEMPOTENCY_TTL (expired keys are ignored anyway;
-    run this from a scheduler to keep the table small)."""
-    removed = idempotency.purge_expired_keys(db.session, current_app.config["IDEMPOTENCY_TTL"])
+    run this from a scheduler to keep the table small). `purge` does it too."""
+    removed = user_data.purge_expired_keys(db.session, current_app.config["IDEMPOTENCY_TTL"])
     click.echo(f"removed {removed} expired idempotency keys")
+
+
+@click.command("purge")
+@with_appcontext
+def purge() -> None:
+    """Delete what has outlived its time, a short transaction at a time: conversations not updated
+    for RETENTION_DAYS days, with their messages and idempotency keys (one with a turn in flight
+    stays), and idempotency keys older than IDEMPOTENCY_TTL. Run it daily from a scheduler."""
+    config = current_app.config
+    expired = user_data.purge_expired_keys(db.session, config["IDEMPOTENCY_TTL"])  # first: fewer keys left to go below
+    days = config["RETENTION_DAYS"]
+    if days is None:
+        click.echo("conversations: all kept (RETENTION_DAYS is unset)")
+    else:
+        purged = user_data.purge_stale_conversations(db.session, days, config["TURN_LEASE_SECONDS"])
+        click.echo(f"conversations not updated for {days} day{'' if days == 1 else 's'}: deleted {purged.conversations}, "
+                   f"with {purged.messages} messages and {purged.keys} idempotency keys")
+    click.echo(f"expired idempotency keys: deleted {expired}")
 
 
 # A user's own limit is stored as a BIGINT.
@@ -95,7 +113,7 @@ def set_budget(user_id: str, tokens: str) -> None:
                    "(e.g. 'unlimited per month' to limit only the users given a limit of their own)", err=True)
 
 
-COMMANDS = (create_token, purge_idempotency_keys, set_budget)
+COMMANDS = (create_token, purge_idempotency_keys, purge, set_budget)
 
 
 def register_commands(app: Flask) -> None:

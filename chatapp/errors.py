@@ -86,6 +86,10 @@ class ConversationNotFound(ApiError):
     status, code, detail = 404, "conversation_not_found", "Conversation not found"
 
 
+class MessageNotFound(ApiError):
+    status, code, detail = 404, "message_not_found", "Message not found"
+
+
 class ConversationBusy(ApiError):
     status, code, detail = 409, "conversation_busy", "Another turn of this conversation is in progress"
     retry_after = 1

@@ -33,9 +33,11 @@ class Replay:
         return json.loads(self.body)["message"]
 
 
-def request_fingerprint(message: str, conversation_id: str | None, model: str) -> str:
-    """What makes two requests under one key the same request (`stream` does not)."""
-    canonical = json.dumps([message, conversation_id, model], ensure_ascii=False, separators=(",", ":"))
+def request_fingerprint(message: str, conversation_id: str | None, model: str, *, regenerate: bool = False) -> str:
+    """What makes two requests under one key the same request (`stream` does not): a turn's
+    message, conversation and model; a regeneration's conversation and model."""
+    identity = ["regenerate", conversation_id, model] if regenerate else [message, conversation_id, model]
+    canonical = json.dumps(identity, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -74,8 +76,3 @@ def complete_key(session: Session, claim: KeyClaim, response_body: str, conversa
 def release_key(session: Session, claim: KeyClaim) -> None:
     """Forget the key of a request that failed, so that a retry runs anew (the caller commits)."""
     queries.release_idempotency_key(session, claim.user_id, claim.key, claim.token)
-
-
-def purge_expired_keys(session: Session, ttl_seconds: int) -> int:
-    """Delete keys older than the TTL; how many went."""
-    return queries.purge_idempotency_keys(session, utcnow() - timedelta(seconds=ttl_seconds))

@@ -73,11 +73,17 @@ def model_label(model: str) -> str:
     return model
 
 
+_token_counters: dict[str, tuple] = {}  # by model label (a few): its prompt and completion samples
+
+
 def count_tokens(model: str, prompt_tokens: int, completion_tokens: int) -> None:
     """A stored turn's tokens, as its user's counters took them."""
     label = model_label(model)
-    TOKENS.labels(label, "prompt").inc(prompt_tokens)
-    TOKENS.labels(label, "completion").inc(completion_tokens)
+    counters = _token_counters.get(label)
+    if counters is None:  # labels() takes a lock and builds its key on every call: once a label is enough
+        counters = _token_counters.setdefault(label, (TOKENS.labels(label, "prompt"), TOKENS.labels(label, "completion")))
+    counters[0].inc(prompt_tokens)
+    counters[1].inc(completion_tokens)
 
 
 def set_breaker_open(agent: str, is_open: bool) -> None:

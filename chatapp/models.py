@@ -56,7 +56,9 @@ class Conversation(db.Model):
 
     __tablename__ = "conversations"
     # Serves the conversation list: one user's, most recently active first, paged by (updated_at, id).
-    __table_args__ = (Index("ix_conversations_user_id_updated_at_id", "user_id", "updated_at", "id"),)
+    # The retention purge finds old conversations of every user by updated_at.
+    __table_args__ = (Index("ix_conversations_user_id_updated_at_id", "user_id", "updated_at", "id"),
+                      Index("ix_conversations_updated_at", "updated_at"))
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[str] = mapped_column(String(USER_ID_MAX_CHARS))
@@ -99,7 +101,9 @@ class IdempotencyKey(db.Model):
     then completed with the exact response body to replay."""
 
     __tablename__ = "idempotency_keys"
-    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),)
+    # By conversation: deleting, erasing or purging a conversation takes its keys with it.
+    __table_args__ = (Index("ix_idempotency_keys_created_at", "created_at"),
+                      Index("ix_idempotency_keys_conversation_id", "conversation_id"))
 
     user_id: Mapped[str] = mapped_column(String(USER_ID_MAX_CHARS), primary_key=True)
     key: Mapped[str] = mapped_column(String(IDEMPOTENCY_KEY_MAX_CHARS), primary_key=True)

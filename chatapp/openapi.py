@@ -67,7 +67,9 @@ make retries safe: a finished key replays its answer byte for byte with `Idempot
 true`. The project's docs/api.md is the full reference."""
 TAGS = (
     {"name": "chat", "description": "Send a message and get the agent's answer, whole or streamed (server-sent events)."},
-    {"name": "history", "description": "The user's stored conversations and their messages; deleting a conversation."},
+    {"name": "history", "description": "The user's stored conversations and their messages; renaming a conversation, its "
+                                       "metadata, feedback on answers; deleting a conversation; exporting or erasing "
+                                       "everything of the user."},
     {"name": "usage", "description": "What each user spent, day by day, and their token budget."},
     {"name": "operations", "description": "Probes for load balancers and platforms, and Prometheus metrics."},
 )
@@ -88,6 +90,20 @@ EXAMPLES = {
         },
         "events": "event: delta\ndata: {\"content\":\"Hello!\"}\n\nevent: done\ndata: {\"conversation_id\":...}\n\n",
     },
+    "regenerate_answer": {
+        "request": {"model": "gpt-4"},
+        "response": {
+            "conversation_id": CONVERSATION_ID_EXAMPLE,
+            "message": "Hi! What can I do for you?",
+            "role": "assistant",
+            "created_at": "2026-11-25T21:06:12.654321+00:00",
+            "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
+            "message_id": "7e2d4b1a-9c3f-4a5e-8b6d-1f0a2c3e4d5b",
+            "model": "gpt-4",
+            "finish_reason": "stop",
+        },
+        "events": "event: delta\ndata: {\"content\":\"Hi!\"}\n\nevent: done\ndata: {\"conversation_id\":...}\n\n",
+    },
     "list_conversations": {
         "response": {
             "conversations": [{
@@ -96,6 +112,7 @@ EXAMPLES = {
                 "created_at": "2026-11-25T21:04:04.001234+00:00",
                 "updated_at": "2026-11-25T21:04:05.123456+00:00",
                 "message_count": 2,
+                "metadata": {},
             }],
             "next_cursor": None,
         },
@@ -107,6 +124,18 @@ EXAMPLES = {
             "created_at": "2026-11-25T21:04:04.001234+00:00",
             "updated_at": "2026-11-25T21:04:05.123456+00:00",
             "message_count": 2,
+            "metadata": {"project": "onboarding"},
+        },
+    },
+    "update_conversation": {
+        "request": {"title": "Onboarding questions", "metadata": {"project": "onboarding", "pinned": "yes"}},
+        "response": {
+            "conversation_id": CONVERSATION_ID_EXAMPLE,
+            "title": "Onboarding questions",
+            "created_at": "2026-11-25T21:04:04.001234+00:00",
+            "updated_at": "2026-11-25T21:04:05.123456+00:00",
+            "message_count": 2,
+            "metadata": {"project": "onboarding", "pinned": "yes"},
         },
     },
     "list_messages": {
@@ -118,12 +147,19 @@ EXAMPLES = {
                 {"message_id": "c3a1f0d2-7a4b-4c1e-9f3a-2b6d8e0f1a2c", "seq": 2, "role": "assistant",
                  "content": "Hello! How can I help?", "created_at": "2026-11-25T21:04:05.123456+00:00",
                  "model": "gpt-4", "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
-                 "finish_reason": "stop"},
+                 "finish_reason": "stop",
+                 "feedback": {"rating": "like", "comment": "Short and clear.", "updated_at": "2026-11-25T21:05:10.654321+00:00"}},
             ],
             "has_more": False,
         },
     },
+    "put_feedback": {
+        "request": {"rating": "like", "comment": "Short and clear."},
+        "response": {"message_id": "c3a1f0d2-7a4b-4c1e-9f3a-2b6d8e0f1a2c", "rating": "like", "comment": "Short and clear.",
+                     "updated_at": "2026-11-25T21:05:10.654321+00:00"},
+    },
     "delete_conversation": {"response": None},
+    "erase_user_data": {"response": None},
     "stop_turn": {"response": {"conversation_id": CONVERSATION_ID_EXAMPLE, "stopped": True}},
     "get_usage": {
         "response": {
@@ -140,6 +176,12 @@ EXAMPLES = {
     "metrics": {"response": "# HELP chatapp_turns_in_flight Chat turns being served now\n"
                             "# TYPE chatapp_turns_in_flight gauge\nchatapp_turns_in_flight 0.0\n"},
 }
+# The export holds the conversation and its messages exactly as the examples above show them.
+EXAMPLES["export_user_data"] = {"response": {
+    "user_id": "demo",
+    "exported_at": "2026-12-01T09:30:00.123456+00:00",
+    "conversations": [{**EXAMPLES["get_conversation"]["response"], "messages": EXAMPLES["list_messages"]["response"]["messages"]}],
+}}
 ERROR_EXAMPLE = {"detail": "Conversation not found", "code": "conversation_not_found",
                  "request_id": "9f1c2b7e4d3a4c5b8e6f0a1b2c3d4e5f"}
 
@@ -153,6 +195,7 @@ class Operation:
     status: int = 200
     response: Schema | type[Schema] | None = None
     body: Schema | type[Schema] | None = None
+    body_required: bool = True  # False: a request without a body is the empty object
     query: Schema | type[Schema] | None = None
     errors: tuple = ()
     headers: tuple = ()  # request headers: (name, description)
@@ -227,7 +270,7 @@ def _operation(path_params: list[str], operation: Operation) -> dict:
             "responses": responses}
     if operation.body is not None:
         spec["requestBody"] = {
-            "required": True,
+            "required": operation.body_required,
             "content": {"application/json": {"schema": operation.body, "example": examples["request"]}},
         }
     if operation.authenticated:

@@ -4,7 +4,7 @@ import uuid
 from datetime import date, datetime
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, not_, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -49,19 +49,24 @@ _FINISH_CONVERSATION_TURN = (
         claimed_until=None,
     )
 )
-_INSERT_CONVERSATION = insert(conversations)
+_INSERT_CONVERSATION = insert(conversations).values({
+    name: _param(name, conversations.c[name]) for name in ("id", "user_id", "title", "message_count", "created_at", "updated_at")})
 # A turn stores two messages in one statement: with RETURNING, SQLAlchemy sends an executemany of
 # an INSERT as one multi-row INSERT ("insertmanyvalues"), cached once compiled; without it, psycopg
 # runs an executemany as a pipeline, which costs a turn more.
 _INSERT_MESSAGES = insert(messages).returning(messages.c.seq)
 
 
-def _recent_history_statement():
-    """The latest `max_messages` messages of a conversation, with the characters of each and of
-    the newer ones (newest first), through the (conversation_id, seq) index."""
+def _recent_history_statement(before_seq: bool = False):
+    """The latest `max_messages` messages of a conversation (with `before_seq`: of those before
+    that sequence number), with the characters of each and of the newer ones (newest first),
+    through the (conversation_id, seq) index."""
+    conditions = [messages.c.conversation_id == _param("conversation_id", messages.c.conversation_id)]
+    if before_seq:
+        conditions.append(messages.c.seq < _param("before_seq", messages.c.seq))
     latest = (
         select(messages.c.seq, messages.c.role, messages.c.content)
-        .where(messages.c.conversation_id == _param("conversation_id", messages.c.conversation_id))
+        .where(*conditions)
         .order_by(messages.c.seq.desc())
         .limit(bindparam("max_messages"))
         .subquery()
@@ -76,6 +81,7 @@ def _recent_history_statement():
 
 
 _RECENT_HISTORY = _recent_history_statement()
+_HISTORY_BEFORE = _recent_history_statement(before_seq=True)
 
 
 class StoredKey(NamedTuple):
@@ -104,18 +110,17 @@ def conversation_exists(session: Session, user_id: str, conversation_id: uuid.UU
     )
 
 
-def finish_conversation_turn(session: Session, conversation_id: uuid.UUID, token: uuid.UUID, message_count: int, now: datetime) -> bool:
-    """Record the turn's new message count and release the claim, if it is still ours."""
-    result = session.execute(
-        _FINISH_CONVERSATION_TURN,
-        {"conversation_id": conversation_id, "token": token, "new_message_count": message_count, "now": now},
-    )
-    return result.rowcount == 1
+def finish_conversation_turn(session: Session, conversation_id: uuid.UUID, token: uuid.UUID, message_count: int, now: datetime,
+                             day_usage: dict) -> bool:
+    """Record the turn's new message count and release the claim, if it is still ours; count the
+    turn in its user's day (`day_usage`, from day_usage())."""
+    parameters = {"conversation_id": conversation_id, "token": token, "new_message_count": message_count, "now": now}
+    return _counting_the_turn(session, "finish", parameters, day_usage).rowcount == 1
 
 
-def insert_conversation(session: Session, values: dict) -> None:
-    """A new conversation row."""
-    session.execute(_INSERT_CONVERSATION, values)
+def insert_conversation(session: Session, values: dict, day_usage: dict) -> None:
+    """A new conversation row; its first turn counted in its user's day."""
+    _counting_the_turn(session, "insert", values, day_usage)
 
 
 def insert_messages(session: Session, rows: list[dict]) -> None:
@@ -188,16 +193,37 @@ def release_conversation(session: Session, conversation_id: uuid.UUID, token: uu
     )
 
 
-def recent_history(session: Session, conversation_id: uuid.UUID, max_messages: int, max_chars: int) -> list[tuple[str, str]]:
-    """(role, content) of the latest messages, oldest first: at most `max_messages`, dropping the
-    oldest until their contents total at most `max_chars`. Reads only those rows, through the
-    (conversation_id, seq) index, whatever the length of the conversation."""
+def recent_history(session: Session, conversation_id: uuid.UUID, max_messages: int, max_chars: int,
+                   before_seq: int | None = None) -> list[tuple[str, str]]:
+    """(role, content) of the latest messages (before sequence number `before_seq`, when given),
+    oldest first: at most `max_messages`, dropping the oldest until their contents total at most
+    `max_chars`. Reads only those rows, through the (conversation_id, seq) index, whatever the
+    length of the conversation."""
     if max_messages <= 0:
         return []
-    rows = session.execute(
-        _RECENT_HISTORY, {"conversation_id": conversation_id, "max_messages": max_messages, "max_chars": max_chars}
-    ).all()  # one fetch: iterating the result fetches row by row, a cost that grows with the history
+    parameters = {"conversation_id": conversation_id, "max_messages": max_messages, "max_chars": max_chars}
+    statement = _RECENT_HISTORY
+    if before_seq is not None:
+        statement, parameters["before_seq"] = _HISTORY_BEFORE, before_seq
+    rows = session.execute(statement, parameters).all()  # one fetch: iterating the result fetches row by row
     return [(role, content) for role, content in rows]
+
+
+def messages_from(session: Session, conversation_id: uuid.UUID, first_seq: int) -> list[tuple[int, str, str]]:
+    """(seq, role, content) of the conversation's messages from `first_seq` on (a regenerated
+    turn's: its question and the answer it replaces)."""
+    return [tuple(row) for row in session.execute(
+        select(messages.c.seq, messages.c.role, messages.c.content)
+        .where(messages.c.conversation_id == conversation_id, messages.c.seq >= first_seq)
+        .order_by(messages.c.seq)
+    )]
+
+
+def delete_message(session: Session, conversation_id: uuid.UUID, seq: int) -> bool:
+    """Delete the conversation's message `seq` (an answer being replaced), feedback and all."""
+    return session.execute(
+        delete(messages).where(messages.c.conversation_id == conversation_id, messages.c.seq == seq)
+    ).rowcount == 1
 
 
 def insert_idempotency_key(session: Session, user_id: str, key: str, fingerprint: str, token: uuid.UUID, now: datetime, locked_until: datetime) -> bool:
@@ -263,13 +289,13 @@ def release_idempotency_key(session: Session, user_id: str, key: str, token: uui
     )
 
 
-def purge_idempotency_keys(session: Session, created_before: datetime) -> int:
-    """Delete the keys older than the TTL and commit; how many went."""
-    result = session.execute(
-        delete(IdempotencyKey).where(IdempotencyKey.created_at < created_before).execution_options(**_BULK)
-    )
-    session.commit()
-    return result.rowcount
+def delete_expired_keys(session: Session, created_before: datetime, limit: int) -> int:
+    """Delete up to `limit` keys created before `created_before`, found through the created_at
+    index; how many went. The age is checked again on the row deleted: a key expired, removed and
+    claimed anew meanwhile has the same primary key."""
+    expired = keys.c.created_at < created_before
+    batch = select(keys.c.user_id, keys.c.key).where(expired).limit(limit)
+    return session.execute(delete(keys).where(tuple_(keys.c.user_id, keys.c.key).in_(batch), expired)).rowcount
 
 
 class ConversationSummary(NamedTuple):
@@ -280,6 +306,15 @@ class ConversationSummary(NamedTuple):
     created_at: datetime
     updated_at: datetime
     message_count: int
+    meta: dict | None  # the client's metadata (None: none)
+
+
+class Feedback(NamedTuple):
+    """A user's feedback on an answer: a rating (like, dislike or None), a comment, when it was given."""
+
+    rating: str | None
+    comment: str | None
+    updated_at: datetime
 
 
 class StoredMessage(NamedTuple):
@@ -293,6 +328,16 @@ class StoredMessage(NamedTuple):
     model: str | None
     finish_reason: str | None
     usage: dict | None
+    feedback_rating: str | None
+    feedback_comment: str | None
+    feedback_at: datetime | None
+
+    @property
+    def feedback(self) -> Feedback | None:
+        """The user's feedback on this answer; None when none was given, or it was cleared."""
+        if self.feedback_at is None:
+            return None
+        return Feedback(self.feedback_rating, self.feedback_comment, self.feedback_at)
 
 
 _SUMMARY_COLUMNS = (
@@ -301,6 +346,12 @@ _SUMMARY_COLUMNS = (
     Conversation.created_at,
     Conversation.updated_at,
     Conversation.message_count,
+    Conversation.meta,
+)
+# A StoredMessage's, in its order: the message pages and the export read the same.
+_MESSAGE_COLUMNS = (
+    Message.id, Message.seq, Message.role, Message.content, Message.created_at, Message.model, Message.finish_reason,
+    Message.usage, Message.feedback_rating, Message.feedback_comment, Message.feedback_at,
 )
 
 
@@ -325,14 +376,49 @@ def find_conversation_summary(session: Session, user_id: str, conversation_id: u
 def list_messages(session: Session, conversation_id: uuid.UUID, limit: int, before_seq: int | None) -> list[StoredMessage]:
     """Up to `limit` messages just before sequence number `before_seq` (the latest when None),
     newest first: one range scan of the (conversation_id, seq) index."""
-    query = select(Message.id, Message.seq, Message.role, Message.content, Message.created_at, Message.model, Message.finish_reason,
-                   Message.usage).where(
-        Message.conversation_id == conversation_id
-    )
+    query = select(*_MESSAGE_COLUMNS).where(Message.conversation_id == conversation_id)
     if before_seq is not None:
         query = query.where(Message.seq < before_seq)
     query = query.order_by(Message.seq.desc()).limit(limit)
     return [StoredMessage(*row) for row in session.execute(query)]
+
+
+def messages_after(session: Session, conversation_id: uuid.UUID, after_seq: int, last_seq: int, limit: int) -> list[StoredMessage]:
+    """Up to `limit` messages after sequence number `after_seq`, up to `last_seq`, oldest first:
+    one range scan of the (conversation_id, seq) index."""
+    return [StoredMessage(*row) for row in session.execute(
+        select(*_MESSAGE_COLUMNS)
+        .where(Message.conversation_id == conversation_id, Message.seq > after_seq, Message.seq <= last_seq)
+        .order_by(Message.seq)
+        .limit(limit)
+    )]
+
+
+def update_conversation(session: Session, user_id: str, conversation_id: uuid.UUID, changes: dict) -> ConversationSummary | None:
+    """Set the user's conversation's `title` and/or `meta` (the keys of `changes`): the conversation
+    as it is now, or None when the user has no such conversation. A turn in flight is left alone
+    (its claim, the message count), and so is updated_at: it is the last turn's time, which orders
+    the conversation list, and a rename is no activity."""
+    row = session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, Conversation.user_id == user_id)
+        .values(**changes)
+        .returning(*_SUMMARY_COLUMNS)
+        .execution_options(**_BULK)
+    ).first()
+    return ConversationSummary(*row) if row else None
+
+
+def put_feedback(session: Session, conversation_id: uuid.UUID, message_id: uuid.UUID, rating: str | None, comment: str | None,
+                 given_at: datetime | None) -> bool:
+    """Set the feedback on the conversation's answer `message_id` (all None: clear it); False when
+    the conversation has no such answer (unknown, a user message, another conversation's)."""
+    return session.scalar(
+        update(messages)
+        .where(messages.c.id == message_id, messages.c.conversation_id == conversation_id, messages.c.role == "assistant")
+        .values(feedback_rating=rating, feedback_comment=comment, feedback_at=given_at)
+        .returning(messages.c.id)
+    ) is not None
 
 
 def delete_conversation(session: Session, user_id: str, conversation_id: uuid.UUID, now: datetime) -> bool:
@@ -373,12 +459,31 @@ _ADD_DAILY_USAGE = {"postgresql": _add_daily_usage_statement(postgresql.insert),
                     "sqlite": _add_daily_usage_statement(sqlite.insert)}
 
 
-def add_daily_usage(session: Session, user_id: str, day: date, prompt_tokens: int, completion_tokens: int,
-                    estimated: bool) -> None:
-    """Count one turn in the user's row for `day`."""
-    statement = _ADD_DAILY_USAGE[session.get_bind().dialect.name]
-    session.execute(statement, {"owner": user_id, "day": day, "prompt_tokens": prompt_tokens,
-                                "completion_tokens": completion_tokens, "estimated_turns": int(estimated)})
+def day_usage(user_id: str, day: date, prompt_tokens: int, completion_tokens: int, estimated: bool) -> dict:
+    """One turn's addition to its user's row for `day`, as the statements below take it."""
+    return {"owner": user_id, "day": day, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "estimated_turns": int(estimated)}
+
+
+# On PostgreSQL the day's upsert rides in the conversation's own statement of the turn, as a
+# data-modifying CTE (run once, whatever the main statement does): one round trip fewer a turn.
+# Counted in a statement of its own, the counter cost S1 12% of its turns a second
+# (bench/results/2026-12-06-d9a5795-usage.md).
+_COUNTING_THE_TURN = {
+    "finish": _FINISH_CONVERSATION_TURN.add_cte(_ADD_DAILY_USAGE["postgresql"].cte("counted")),
+    "insert": _INSERT_CONVERSATION.add_cte(_ADD_DAILY_USAGE["postgresql"].cte("counted")),
+}
+_ALONE = {"finish": _FINISH_CONVERSATION_TURN, "insert": _INSERT_CONVERSATION}
+
+
+def _counting_the_turn(session: Session, statement: str, parameters: dict, day_usage: dict):
+    """Run the conversation's `statement` of a turn and count the turn in its user's day: in the
+    same statement on PostgreSQL, in the next one on SQLite (in-process: no round trip to save)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.execute(_COUNTING_THE_TURN[statement], {**parameters, **day_usage})
+    result = session.execute(_ALONE[statement], parameters)
+    session.execute(_ADD_DAILY_USAGE["sqlite"], day_usage)
+    return result
 
 
 def _budget_standing_statement():
@@ -437,3 +542,85 @@ def set_token_budget(session: Session, user_id: str, token_limit: int | None) ->
 def delete_token_budget(session: Session, user_id: str) -> bool:
     """Take the user back to TOKEN_BUDGET's limit; False when they had none of their own."""
     return session.execute(delete(token_budgets).where(token_budgets.c.user_id == user_id)).rowcount == 1
+
+
+# A user's data as a whole (chatapp/user_data.py): the erasure, and the retention purge.
+
+
+def _unclaimed(now: datetime):
+    """No turn holds the conversation: it was never claimed, or its claim has lapsed."""
+    return or_(conversations.c.claimed_until.is_(None), conversations.c.claimed_until < now)
+
+
+def _settled(now: datetime):
+    """No turn holds the idempotency key: it has its answer, or its claim has lapsed."""
+    return or_(keys.c.response_body.is_not(None), keys.c.locked_until.is_(None), keys.c.locked_until < now)
+
+
+def turn_in_flight(session: Session, user_id: str, now: datetime) -> bool:
+    """Whether a turn holds one of the user's conversations or idempotency keys: two range scans,
+    of the (user_id, updated_at, id) index and of the keys' primary key."""
+    claimed = exists().where(conversations.c.user_id == user_id, not_(_unclaimed(now)))
+    in_progress = exists().where(keys.c.user_id == user_id, not_(_settled(now)))
+    return session.scalar(select(or_(claimed, in_progress)))
+
+
+def delete_user_conversations(session: Session, user_id: str, now: datetime) -> int:
+    """Delete the user's conversations that no turn holds, their messages (feedback and all) and
+    idempotency keys with them (ON DELETE CASCADE); how many went. Every one of them: the erasure
+    is one transaction, so that it happens whole or not at all."""
+    return session.execute(delete(conversations).where(conversations.c.user_id == user_id, _unclaimed(now))).rowcount
+
+
+def delete_user_keys(session: Session, user_id: str, now: datetime) -> int:
+    """Delete the user's idempotency keys that no turn holds; how many went."""
+    return session.execute(delete(keys).where(keys.c.user_id == user_id, _settled(now))).rowcount
+
+
+def user_has_conversations_or_keys(session: Session, user_id: str) -> bool:
+    """Whether any conversation or idempotency key of the user is there."""
+    return session.scalar(select(or_(exists().where(conversations.c.user_id == user_id),
+                                     exists().where(keys.c.user_id == user_id))))
+
+
+def delete_user_usage(session: Session, user_id: str) -> int:
+    """Delete the user's daily usage counters; how many days went."""
+    return session.execute(delete(daily_usage).where(daily_usage.c.user_id == user_id)).rowcount
+
+
+def claim_stale_conversations(session: Session, updated_before: datetime, token: uuid.UUID, now: datetime, until: datetime,
+                              limit: int) -> list[uuid.UUID]:
+    """Hold up to `limit` conversations not updated since `updated_before` that no turn holds, with
+    the claim columns a turn uses (so that no turn starts on them): their ids. The conditions are
+    checked again on each row claimed: a turn may have claimed it since it was found."""
+    stale = and_(conversations.c.updated_at < updated_before, _unclaimed(now))
+    batch = select(conversations.c.id).where(stale).limit(limit)
+    return list(session.scalars(
+        update(conversations).where(conversations.c.id.in_(batch), stale)
+        .values(claim_token=token, claimed_until=until)
+        .returning(conversations.c.id)
+    ))
+
+
+def _still_held(conversation_ids: list[uuid.UUID], token: uuid.UUID):
+    """Those of the conversations that `token` still holds (a claim that lapsed may be a turn's now)."""
+    return select(conversations.c.id).where(conversations.c.id.in_(conversation_ids), conversations.c.claim_token == token)
+
+
+def delete_held_messages(session: Session, conversation_ids: list[uuid.UUID], token: uuid.UUID, limit: int) -> int:
+    """Delete up to `limit` messages of the conversations that `token` holds; how many went."""
+    batch = select(messages.c.id).where(messages.c.conversation_id.in_(_still_held(conversation_ids, token))).limit(limit)
+    return session.execute(delete(messages).where(messages.c.id.in_(batch))).rowcount
+
+
+def delete_held_keys(session: Session, conversation_ids: list[uuid.UUID], token: uuid.UUID, limit: int) -> int:
+    """Delete up to `limit` idempotency keys of the conversations that `token` holds; how many went."""
+    batch = select(keys.c.user_id, keys.c.key).where(keys.c.conversation_id.in_(_still_held(conversation_ids, token))).limit(limit)
+    return session.execute(delete(keys).where(tuple_(keys.c.user_id, keys.c.key).in_(batch))).rowcount
+
+
+def delete_held_conversations(session: Session, conversation_ids: list[uuid.UUID], token: uuid.UUID) -> int:
+    """Delete the conversations that `token` holds (their messages and keys gone before); how many went."""
+    return session.execute(
+        delete(conversations).where(conversations.c.id.in_(conversation_ids), conversations.c.claim_token == token)
+    ).rowcount

@@ -7,14 +7,20 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, validate, validates
+from marshmallow import RAISE, Schema, ValidationError, fields, post_dump, validate, validates, validates_schema
 
 from chatapp.values import (
     CONVERSATION_ID_MAX_CHARS,
+    FEEDBACK_COMMENT_MAX_CHARS,
+    FEEDBACK_RATINGS,
     FINISH_REASONS,
     IDEMPOTENCY_KEY_MAX_CHARS,
     MESSAGE_MAX_CHARS,
+    METADATA_KEY_MAX_CHARS,
+    METADATA_MAX_KEYS,
+    METADATA_VALUE_MAX_CHARS,
     MODEL_MAX_CHARS,
+    TITLE_MAX_CHARS,
     USER_ID_MAX_CHARS,
     unstorable,
 )
@@ -66,28 +72,36 @@ class StrictBoolean(fields.Boolean):
         return value
 
 
-class ChatRequestSchema(Schema):
-    """The body of POST /api/<user_id>/chat; unknown fields are rejected by name."""
+def model_field() -> fields.String:
+    """A turn's `model`: null or absent is DEFAULT_MODEL (TurnSchema)."""
+    return fields.String(load_default=None, allow_none=True, validate=[validate.Length(min=1, max=MODEL_MAX_CHARS), validate_text])
+
+
+def request_id_field() -> fields.String:
+    """A turn's `request_id`: its idempotency key, as the Idempotency-Key header."""
+    return fields.String(load_default=None, allow_none=True, validate=validate_idempotency_key,
+                         metadata={"pattern": IDEMPOTENCY_KEY_JSON_PATTERN})
+
+
+def stream_field() -> StrictBoolean:
+    return StrictBoolean(load_default=False, metadata={"description": "true: answer with server-sent events"})
+
+
+class BodySchema(Schema):
+    """A JSON body: an object (anything else is a field-less 400) whose unknown fields are rejected by name."""
 
     class Meta:
         unknown = RAISE
 
-    message = fields.String(
-        required=True,
-        validate=[validate.Length(min=1, max=MESSAGE_MAX_CHARS), validate_not_blank, validate_text],
-    )
-    conversation_id = fields.String(
-        load_default=None, allow_none=True, validate=validate.Length(min=1, max=CONVERSATION_ID_MAX_CHARS)
-    )
-    model = fields.String(load_default=None, allow_none=True, validate=[validate.Length(min=1, max=MODEL_MAX_CHARS), validate_text])
-    request_id = fields.String(
-        load_default=None,
-        allow_none=True,
-        validate=validate_idempotency_key,
-        metadata={"pattern": IDEMPOTENCY_KEY_JSON_PATTERN},
-    )
+    def load(self, data, **kwargs):
+        if not isinstance(data, dict):
+            raise ValidationError("Request body must be a JSON object.", field_name="_schema")
+        return super().load(data, **kwargs)
 
-    stream = StrictBoolean(load_default=False, metadata={"description": "true: answer with server-sent events"})
+
+class TurnSchema(BodySchema):
+    """What the body of every turn has (a message sent, an answer regenerated): `model`, defaulted
+    and checked against ALLOWED_MODELS, `request_id` and `stream`."""
 
     def __init__(self, *, default_model: str | None = None, allowed_models=None, **kwargs):
         super().__init__(**kwargs)
@@ -100,13 +114,26 @@ class ChatRequestSchema(Schema):
             raise ValidationError(f"Must be one of: {', '.join(self.allowed_models)}.")
 
     def load(self, data, **kwargs):
-        """Validated request with `model` defaulted; a non-object body is a field-less 400."""
-        if not isinstance(data, dict):
-            raise ValidationError("Request body must be a JSON object.", field_name="_schema")
+        """Validated request with `model` defaulted."""
         result = super().load(data, **kwargs)
         if result["model"] is None:
             result["model"] = self.default_model
         return result
+
+
+class ChatRequestSchema(TurnSchema):
+    """The body of POST /api/<user_id>/chat."""
+
+    message = fields.String(
+        required=True,
+        validate=[validate.Length(min=1, max=MESSAGE_MAX_CHARS), validate_not_blank, validate_text],
+    )
+    conversation_id = fields.String(
+        load_default=None, allow_none=True, validate=validate.Length(min=1, max=CONVERSATION_ID_MAX_CHARS)
+    )
+    model = model_field()
+    request_id = request_id_field()
+    stream = stream_field()
 
     def load_chat_request(self, body, idempotency_header: str | None, last_event_header: str | None = None) -> "ChatRequest":
         """The body (and the Idempotency-Key and Last-Event-ID headers) as a ChatRequest, or ValidationError."""
@@ -115,11 +142,28 @@ class ChatRequestSchema(Schema):
         return ChatRequest(**loaded, idempotency_key=key, last_event_id=last_event_id(last_event_header))
 
 
+class RegenerateRequestSchema(TurnSchema):
+    """The body of POST /api/<user_id>/conversations/<conversation_id>/regenerate (optional)."""
+
+    model = model_field()
+    request_id = request_id_field()
+    stream = stream_field()
+
+    def load_regenerate_request(self, body, conversation_id: str, idempotency_header: str | None,
+                                last_event_header: str | None = None) -> "ChatRequest":
+        """The body and headers as the ChatRequest that regenerates the conversation's latest answer."""
+        loaded = self.load(body)
+        key = idempotency_key(idempotency_header, loaded.pop("request_id"))
+        return ChatRequest(message="", conversation_id=conversation_id, **loaded, idempotency_key=key,
+                           last_event_id=last_event_id(last_event_header), regenerate=True)
+
+
 @dataclass(frozen=True)
 class ChatRequest:
-    """A chat request as validated: the message, its conversation (None: a new one), the model
-    (DEFAULT_MODEL applied), the idempotency key (from the header or `request_id`), and whether the
-    answer streams."""
+    """A turn's request as validated: the message, its conversation (None: a new one), the model
+    (DEFAULT_MODEL applied), the idempotency key (from the header or `request_id`), whether the
+    answer streams, and whether it regenerates the conversation's latest answer (the message is
+    then the one that answer answers, read from the conversation)."""
 
     message: str
     conversation_id: str | None
@@ -127,6 +171,7 @@ class ChatRequest:
     stream: bool
     idempotency_key: str | None = None
     last_event_id: int | None = None  # a resumed stream's: the last event the client saw
+    regenerate: bool = False
 
 
 LAST_EVENT_ID_PATTERN = re.compile(r"[0-9]{1,9}")
@@ -220,6 +265,30 @@ class MessageListQuerySchema(QuerySchema):
     )
 
 
+def validate_metadata_size(value: dict) -> None:
+    """At most METADATA_MAX_KEYS keys."""
+    if len(value) > METADATA_MAX_KEYS:
+        raise ValidationError(f"Must have at most {METADATA_MAX_KEYS} keys.")
+
+
+class Metadata(fields.Dict):
+    """A conversation's metadata: at most 16 keys of 1 to 64 characters, each to a string of at most
+    512 (all storable text); {} when it has none (stored as null)."""
+
+    def __init__(self, *, description: str, **kwargs):
+        super().__init__(
+            keys=fields.String(validate=[validate.Length(min=1, max=METADATA_KEY_MAX_CHARS), validate_text]),
+            values=fields.String(validate=[validate.Length(max=METADATA_VALUE_MAX_CHARS), validate_text]),
+            validate=validate_metadata_size,
+            # Not a Length validator: apispec would document it as an object's maxLength.
+            metadata={"maxProperties": METADATA_MAX_KEYS, "description": description},
+            **kwargs,
+        )
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return super()._serialize({} if value is None else value, attr, obj, **kwargs)
+
+
 class ConversationSchema(Schema):
     """A conversation as the history endpoints show it."""
 
@@ -228,6 +297,46 @@ class ConversationSchema(Schema):
     created_at = fields.DateTime(format="iso", required=True)
     updated_at = fields.DateTime(format="iso", required=True)
     message_count = fields.Integer(required=True)
+    metadata = Metadata(attribute="meta", required=True, description="Your own string keys and values; {} when none")
+
+
+class ConversationUpdateSchema(BodySchema):
+    """The body of PATCH /api/<user_id>/conversations/<conversation_id>: a new title, new metadata, or both."""
+
+    title = fields.String(validate=[validate.Length(min=1, max=TITLE_MAX_CHARS), validate_not_blank, validate_text])
+    metadata = Metadata(attribute="meta", allow_none=True, description=(
+        f"At most {METADATA_MAX_KEYS} keys of 1 to {METADATA_KEY_MAX_CHARS} characters, each to a string of at most "
+        f"{METADATA_VALUE_MAX_CHARS}: replaces the whole metadata; null clears it"))
+
+    @validates_schema
+    def validate_something_changes(self, data, **_kwargs):
+        if not data:
+            raise ValidationError("Request body must have a title, metadata or both.")
+
+
+class FeedbackRequestSchema(BodySchema):
+    """The body of PUT .../messages/<message_id>/feedback: a missing field is null; both null clear the feedback."""
+
+    rating = fields.String(load_default=None, allow_none=True, validate=validate.OneOf(FEEDBACK_RATINGS))
+    comment = fields.String(load_default=None, allow_none=True,
+                            validate=[validate.Length(max=FEEDBACK_COMMENT_MAX_CHARS), validate_text])
+
+
+class FeedbackSchema(Schema):
+    """A user's feedback on an answer, as the answer's message shows it."""
+
+    rating = fields.String(required=True, allow_none=True, validate=validate.OneOf(FEEDBACK_RATINGS))
+    comment = fields.String(required=True, allow_none=True)
+    updated_at = fields.DateTime(format="iso", required=True)
+
+
+class FeedbackResponseSchema(Schema):
+    """The feedback now on an answer (rating and comment both null: none)."""
+
+    message_id = fields.UUID(required=True)
+    rating = fields.String(required=True, allow_none=True, validate=validate.OneOf(FEEDBACK_RATINGS))
+    comment = fields.String(required=True, allow_none=True)
+    updated_at = fields.DateTime(format="iso", required=True, metadata={"description": "When it was put (this request)"})
 
 
 class ConversationListSchema(Schema):
@@ -248,11 +357,13 @@ class MessageSchema(Schema):
     finish_reason = fields.String(allow_none=True, validate=validate.OneOf(FINISH_REASONS), metadata={
         "description": "An assistant message's: stop, length or stopped (null for answers stored before it was kept); "
                        "absent on user messages"})
+    feedback = fields.Nested(FeedbackSchema, allow_none=True, metadata={
+        "description": "An assistant message's: its user's feedback, or null (none, or cleared); absent on user messages"})
 
     @post_dump
     def only_answers_say_how_they_came(self, data, **_kwargs):
         if data["role"] != "assistant":
-            del data["model"], data["finish_reason"], data["usage"]
+            del data["model"], data["finish_reason"], data["usage"], data["feedback"]
         return data
 
 
@@ -265,6 +376,26 @@ class MessageListSchema(Schema):
     conversation_id = fields.UUID(required=True)
     messages = fields.List(fields.Nested(MessageSchema), required=True)
     has_more = fields.Boolean(required=True)
+
+
+class ExportQuerySchema(QuerySchema):
+    """GET /export takes no query parameters: any is a 400."""
+
+
+class ExportedConversationSchema(ConversationSchema):
+    """A conversation in the export: as the history shows it, with every one of its messages."""
+
+    messages = fields.List(fields.Nested(MessageSchema), required=True, metadata={"description": "Oldest first"})
+
+
+class UserExportSchema(Schema):
+    """GET /api/<user_id>/export: everything of the user, one document (chatapp/user_data.py writes it
+    piece by piece, with ConversationSchema and MessageSchema)."""
+
+    user_id = fields.String(required=True)
+    exported_at = fields.DateTime(format="iso", required=True)
+    conversations = fields.List(fields.Nested(ExportedConversationSchema), required=True,
+                                metadata={"description": "Most recently active first"})
 
 
 USAGE_RANGE_MAX_DAYS = 366

@@ -121,10 +121,12 @@ class Budget:
             raise QuotaExceeded(retry_after=math.ceil((standing.period.resets_at - now).total_seconds()))
 
 
-def count_turn(session: Session, user_id: str, day: date, counted: CountedUsage) -> None:
-    """Add a stored turn to the user's counters for `day`, in the turn's own transaction: one row
-    (an upsert), so that its cost does not grow with the user's history."""
-    queries.add_daily_usage(session, user_id, day, counted.prompt_tokens, counted.completion_tokens, counted.estimated)
+def day_usage(user_id: str, answered_at: datetime, counted: CountedUsage) -> dict:
+    """What a stored turn adds to its user's counters of the UTC day it was answered: one row, an
+    upsert in the turn's own transaction (queries.finish_conversation_turn, insert_conversation),
+    so that its cost does not grow with the user's history."""
+    return queries.day_usage(user_id, utc_day(answered_at), counted.prompt_tokens, counted.completion_tokens,
+                             counted.estimated)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The values the service accepts and stores, each rule in one place: the sizes the contract fixes,
-the text a database can store, JSON without NaN, the spelling of a conversation id. The schemas,
-the models, the agent client and the command line all take them from here."""
+the text a database can store, JSON without NaN, the spelling of a conversation's or a message's
+id. The schemas, the models, the agent client and the command line all take them from here."""
 import uuid
 
-from chatapp.errors import ConversationNotFound
+from chatapp.errors import ApiError, ConversationNotFound, MessageNotFound
 
 USER_ID_MAX_CHARS = 255
 MESSAGE_MAX_CHARS = 10_000
@@ -53,17 +53,26 @@ def reject_json_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def parse_conversation_id(value: str) -> uuid.UUID:
-    """The UUID a client sent as a conversation id, in its canonical spelling (upper case taken).
-    Anything else (braced, URN and bare-hex spellings included) is a conversation that does not
-    exist: the same 404 as an unknown or another user's."""
+def _parse_id(value: str, not_found: type[ApiError]) -> uuid.UUID:
+    """The UUID a client sent as an id, in its canonical spelling (upper case taken). Anything else
+    (braced, URN and bare-hex spellings included) is `not_found`: the same 404 as an unknown id."""
     try:
         parsed = uuid.UUID(value)
     except ValueError:
-        raise ConversationNotFound() from None
+        raise not_found() from None
     if str(parsed) != value.lower():
-        raise ConversationNotFound()
+        raise not_found()
     return parsed
+
+
+def parse_conversation_id(value: str) -> uuid.UUID:
+    """A conversation id as the client sent it; anything else is conversation_not_found, like an unknown id."""
+    return _parse_id(value, ConversationNotFound)
+
+
+def parse_message_id(value: str) -> uuid.UUID:
+    """A message id as the client sent it; anything else is message_not_found, like an unknown id."""
+    return _parse_id(value, MessageNotFound)
 
 
 def conversation_title(first_message: str) -> str:

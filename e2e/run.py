@@ -6,7 +6,9 @@
    then `web` (gunicorn with gunicorn.conf.py), with PORT and production settings (CHATAPP_ENV
    unset, a strong JWT_SECRET_KEY, AGENT_URL) from the environment, bound to 127.0.0.1;
 3. newman over postman/ as one user, then schemathesis over /openapi.json as another, with a valid
-   token and, for most cases, the token's own user id and real conversation ids;
+   token and, for most cases, the token's own user id and real conversation ids; the erasure of a
+   user's data (DELETE /api/{user_id}/conversations) as a third user, so that it never erases the
+   conversations the other operations use;
 4. a summary (newman requests and assertions; schemathesis examples per operation), everything
    stopped, and exit status 1 when anything failed.
 
@@ -42,6 +44,9 @@ ENVIRONMENT = ROOT / "postman" / "chatapp.postman_environment.json"
 
 NEWMAN_USER = "postman-user"
 FUZZ_USER = "e2e-fuzz-user"
+# The user whose data the erasure operation erases, with a token of its own: erasing FUZZ_USER's
+# would take the conversations of every other operation away mid-run (their 200s would become 404s).
+ERASE_USER = "e2e-erase-user"
 # The four the issue asks for, then every other check of schemathesis 4.32.5 but two that the
 # contract contradicts: positive_data_acceptance wants every schema-valid request accepted, which an
 # opaque cursor (`before`), an idempotency key reused for another request (422) or a `request_id`
@@ -59,6 +64,8 @@ SEED = 20261125
 # Conversations of FUZZ_USER made before schemathesis runs: some to read and continue, others to delete.
 KEPT_CONVERSATIONS = 5
 DOOMED_CONVERSATIONS = 5
+# Conversations of ERASE_USER, for the erasure's first 204 to erase.
+ERASED_CONVERSATIONS = 2
 # Time limits, in seconds. The whole run takes about a minute on two cores.
 NEWMAN_TIMEOUT = 120
 SCHEMATHESIS_TIMEOUT = 300
@@ -130,10 +137,11 @@ def run_newman(base_url: str, token: str, metrics_token: str, workdir: Path) -> 
 # schemathesis -----------------------------------------------------------------------------------
 
 
-def schemathesis_config(kept: list[str], doomed: list[str]) -> str:
+def schemathesis_config(kept: list[str], doomed: list[str], erase_token: str) -> str:
     """schemathesis.toml. Most cases use the token's own user and real conversations, so that 200s
     and 204s are exercised; the others are fuzzed (403s, 404s). Deletions get conversations of
-    their own, so that reads and turns still find theirs.
+    their own, so that reads and turns still find theirs; the erasure of a user's data gets a user
+    of its own (ERASE_USER, with its token), so that it erases none of them.
 
     Fuzzing does not reuse values from responses ("extra data sources"): in schemathesis 4.32.5 that
     makes data generation depend on earlier responses, Hypothesis then stops an operation with
@@ -150,6 +158,9 @@ def schemathesis_config(kept: list[str], doomed: list[str]) -> str:
         [dictionaries.doomed]
         values = {json.dumps(doomed)}
 
+        [dictionaries.eraser]
+        values = {json.dumps([ERASE_USER])}
+
         [parameters]
         "path.user_id" = {{ dictionary = "user", probability = 0.9 }}
         "path.conversation_id" = {{ dictionary = "kept", probability = 0.6 }}
@@ -159,15 +170,21 @@ def schemathesis_config(kept: list[str], doomed: list[str]) -> str:
         responses = false
 
         [[operations]]
-        include-method = "DELETE"
+        include-operation-id = "delete_conversation"
         parameters = {{ "path.conversation_id" = {{ dictionary = "doomed", probability = 0.5 }} }}
+
+        [[operations]]
+        include-operation-id = "erase_user_data"
+        headers = {{ Authorization = {json.dumps(f"Bearer {erase_token}")} }}
+        parameters = {{ "path.user_id" = {{ dictionary = "eraser", probability = 0.9 }} }}
         """
     )
 
 
-def run_schemathesis(base_url: str, token: str, workdir: Path, kept: list[str], doomed: list[str]) -> dict:
+def run_schemathesis(base_url: str, token: str, workdir: Path, kept: list[str], doomed: list[str],
+                     erase_token: str) -> dict:
     config = workdir / "schemathesis.toml"
-    config.write_text(schemathesis_config(kept, doomed))
+    config.write_text(schemathesis_config(kept, doomed, erase_token))
     events = workdir / "schemathesis.ndjson"
     report = workdir / "schemathesis.json"
     arguments = [
@@ -321,7 +338,10 @@ def main() -> int:
 
         fuzz_token = make_token(secret, FUZZ_USER)
         ids = start_conversations(server.url, fuzz_token, FUZZ_USER, KEPT_CONVERSATIONS + DOOMED_CONVERSATIONS)
-        fuzz = run_schemathesis(server.url, fuzz_token, workdir, ids[:KEPT_CONVERSATIONS], ids[KEPT_CONVERSATIONS:])
+        erase_token = make_token(secret, ERASE_USER)
+        start_conversations(server.url, erase_token, ERASE_USER, ERASED_CONVERSATIONS)
+        fuzz = run_schemathesis(server.url, fuzz_token, workdir, ids[:KEPT_CONVERSATIONS], ids[KEPT_CONVERSATIONS:],
+                                erase_token)
     finally:
         if server is not None:
             output = server.stop()

@@ -37,6 +37,7 @@ REFUSALS = {
     "a public key that is not one": ({"JWT_PUBLIC_KEY": "not a key", "JWT_ALGORITHM": "RS256"}, "JWT_PUBLIC_KEY"),
     "an unreadable rate limit": ({"RATE_LIMIT": "lots"}, "RATE_LIMIT"),
     "an unreadable token budget": ({"TOKEN_BUDGET": "200000 per week"}, "TOKEN_BUDGET"),
+    "a retention of no days": ({"RETENTION_DAYS": "0"}, "RETENTION_DAYS"),
     "a Redis URL that is not one": ({"REDIS_URL": "127.0.0.1:6379"}, "REDIS_URL"),
     "an unknown log format": ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
     "two key sources": ({"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "JWT_JWKS_URL": "https://idp.example/keys"},
@@ -224,6 +225,9 @@ def test_no_session_state_outlives_a_transaction(app, chat, client, auth, databa
         assert client.get("/api/alice/conversations", headers=headers).status_code == 200
         assert client.get(f"/api/alice/conversations/{conversation_id}/messages", headers=headers).status_code == 200
         assert client.get("/readyz").status_code == 200
+        assert b'"messages":[' in client.get("/api/alice/export", headers=headers).data
+        chat.turn(f"erased {n}", user_id="bob")
+        assert client.delete("/api/bob/conversations", headers=auth.headers("bob")).status_code == 204
     doomed = chat.turn("to delete")["conversation_id"]
     assert client.delete(f"/api/alice/conversations/{doomed}", headers=headers).status_code == 204
 

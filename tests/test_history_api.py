@@ -44,7 +44,8 @@ def test_list_item_fields(chat, get):
     conversation_id = chat.turn(long_message)["conversation_id"]
     chat.turn("second", conversation_id=conversation_id)
     [item] = get("/conversations").get_json()["conversations"]
-    assert set(item) == {"conversation_id", "title", "created_at", "updated_at", "message_count"}
+    assert list(item) == ["conversation_id", "title", "created_at", "updated_at", "message_count", "metadata"]
+    assert item["metadata"] == {}
     assert item["conversation_id"] == conversation_id
     assert item["title"] == ("A first message that is long " + "x" * 100)[:80]
     assert item["message_count"] == 4
@@ -87,7 +88,8 @@ def test_message_pages_go_backwards(chat, get):
     assert (first["role"], first["content"]) == ("user", "m1")
     answer = oldest["messages"][1]
     assert (answer["content"], answer["model"], answer["finish_reason"]) == ("You said: m1", "gpt-4", "stop")
-    assert set(answer) == {"message_id", "seq", "role", "content", "created_at", "model", "usage", "finish_reason"}
+    assert list(answer) == ["message_id", "seq", "role", "content", "created_at", "model", "usage", "finish_reason", "feedback"]
+    assert answer["feedback"] is None
     assert datetime.fromisoformat(first["created_at"]).utcoffset() == timedelta(0)
     assert get(f"/conversations/{conversation_id}/messages").get_json()["has_more"] is False  # default 50
 

@@ -17,10 +17,17 @@ def document(client):
 OPERATIONS = {
     ("/api/{user_id}/chat", "post"): {"200", "400", "401", "403", "404", "409", "413", "422", "429", "500", "503"},
     ("/api/{user_id}/conversations", "get"): {"200", "400", "401", "403", "404", "500", "503"},
+    ("/api/{user_id}/conversations", "delete"): {"204", "400", "401", "403", "404", "409", "500", "503"},
+    ("/api/{user_id}/export", "get"): {"200", "400", "401", "403", "404", "500", "503"},
     ("/api/{user_id}/conversations/{conversation_id}", "get"): {"200", "400", "401", "403", "404", "500", "503"},
+    ("/api/{user_id}/conversations/{conversation_id}", "patch"): {"200", "400", "401", "403", "404", "413", "500", "503"},
     ("/api/{user_id}/conversations/{conversation_id}", "delete"): {"204", "400", "401", "403", "404", "409", "500", "503"},
+    ("/api/{user_id}/conversations/{conversation_id}/messages/{message_id}/feedback", "put"):
+        {"200", "400", "401", "403", "404", "413", "500", "503"},
     ("/api/{user_id}/conversations/{conversation_id}/messages", "get"): {"200", "400", "401", "403", "404", "500", "503"},
     ("/api/{user_id}/conversations/{conversation_id}/stop", "post"): {"200", "400", "401", "403", "404", "409", "500", "503"},
+    ("/api/{user_id}/conversations/{conversation_id}/regenerate", "post"): {
+        "200", "400", "401", "403", "404", "409", "413", "422", "429", "500", "503"},
     ("/api/{user_id}/usage", "get"): {"200", "400", "401", "403", "404", "500", "503"},
     ("/healthz", "get"): {"200"},
     ("/readyz", "get"): {"200", "503"},
@@ -86,6 +93,18 @@ def test_examples_are_valid_answers(document):
     assert ChatRequestSchema(default_model="gpt-4").load(EXAMPLES["send_message"]["request"])
     for operation_id, schema in (("send_message", ChatResponseSchema), ("list_conversations", ConversationListSchema),
                                  ("list_messages", MessageListSchema)):
+        assert schema().validate(EXAMPLES[operation_id]["response"]) == {}, operation_id
+
+
+def test_the_examples_of_changing_history_are_valid():
+    """Renaming a conversation and giving feedback: the examples' requests load, their answers validate."""
+    from chatapp.openapi import EXAMPLES
+    from chatapp.schemas import ConversationSchema, ConversationUpdateSchema, FeedbackRequestSchema, FeedbackResponseSchema
+
+    assert ConversationUpdateSchema().load(EXAMPLES["update_conversation"]["request"])
+    assert FeedbackRequestSchema().load(EXAMPLES["put_feedback"]["request"])
+    for operation_id, schema in (("get_conversation", ConversationSchema), ("update_conversation", ConversationSchema),
+                                 ("put_feedback", FeedbackResponseSchema)):
         assert schema().validate(EXAMPLES[operation_id]["response"]) == {}, operation_id
 
 

@@ -1,4 +1,5 @@
-"""POST /api/<user_id>/chat: the five steps of the contract, in order."""
+"""The turns: POST /api/<user_id>/chat, and regenerating a conversation's latest answer; each
+runs the five steps, in order."""
 import functools
 from collections.abc import Iterator
 
@@ -11,25 +12,36 @@ from chatapp.log_config import note
 from chatapp.metrics import TURNS_IN_FLIGHT
 from chatapp.openapi import documented
 from chatapp.rate_limit import enforce_rate_limit
-from chatapp.routes.inputs import check_user_id, json_body
-from chatapp.schemas import ChatRequest, ChatRequestSchema, ChatResponseSchema
+from chatapp.routes.inputs import check_user_id, json_body, optional_json_body
+from chatapp.schemas import ChatRequest, ChatRequestSchema, ChatResponseSchema, RegenerateRequestSchema, TurnSchema
 from chatapp.turn_log import KEEP_ALIVE, Event
 
 bp = Blueprint("chat", __name__)
 
 
 @functools.cache
-def chat_request_schema(default_model: str | None, allowed_models: tuple[str, ...]) -> ChatRequestSchema:
-    """The request schema for an app's model settings, built once (schemas hold no state between calls)."""
-    return ChatRequestSchema(default_model=default_model, allowed_models=allowed_models)
+def turn_schema(schema_class: type[TurnSchema], default_model: str | None, allowed_models: tuple[str, ...]) -> TurnSchema:
+    """A request schema for an app's model settings, built once (schemas hold no state between calls)."""
+    return schema_class(default_model=default_model, allowed_models=allowed_models)
+
+
+def app_turn_schema(schema_class: type[TurnSchema]) -> TurnSchema:
+    config = current_app.config
+    return turn_schema(schema_class, config["DEFAULT_MODEL"], tuple(config["ALLOWED_MODELS"] or ()))
 
 
 def load_chat_request(user_id: str) -> ChatRequest:
     """Step 1: the path's user id, the JSON body and the idempotency key, validated."""
     check_user_id(user_id)
-    config = current_app.config
-    schema = chat_request_schema(config["DEFAULT_MODEL"], tuple(config["ALLOWED_MODELS"] or ()))
-    return schema.load_chat_request(json_body(), request.headers.get("Idempotency-Key"), request.headers.get("Last-Event-ID"))
+    return app_turn_schema(ChatRequestSchema).load_chat_request(
+        json_body(), request.headers.get("Idempotency-Key"), request.headers.get("Last-Event-ID"))
+
+
+def load_regenerate_request(user_id: str, conversation_id: str) -> ChatRequest:
+    """Step 1 of a regeneration: the path's user id, the optional JSON body and the idempotency key."""
+    check_user_id(user_id)
+    return app_turn_schema(RegenerateRequestSchema).load_regenerate_request(
+        optional_json_body(), conversation_id, request.headers.get("Idempotency-Key"), request.headers.get("Last-Event-ID"))
 
 
 def respond(chat_request: ChatRequest, turn: TurnResponse | TurnStream | ResumedStream) -> Response:
@@ -102,3 +114,41 @@ def chat(user_id: str):
         turn = current_app.extensions["chat_service"].send(  # 3. resolve the conversation; 4. execute the agent
             user_id, chat_request, request_id=g.request_id, note=note)
     return respond(chat_request, turn)  # 5. return
+
+
+@bp.post("/api/<user_id>/conversations/<conversation_id>/regenerate")
+@documented(
+    summary="Answer the conversation's latest message again; the new answer replaces the latest one",
+    operation_id="regenerate_answer",
+    replays=True,
+    body=RegenerateRequestSchema,
+    body_required=False,
+    response=ChatResponseSchema,
+    errors=(
+        errors.PayloadTooLarge,
+        errors.RateLimited,
+        errors.QuotaExceeded,
+        errors.ConversationNotFound,
+        errors.MessageNotFound,
+        errors.ConversationBusy,
+        errors.IdempotencyInProgress,
+        errors.IdempotencyKeyReused,
+        errors.TurnStopped,
+        errors.AgentUnavailable,
+    ),
+    headers=(("Idempotency-Key", "Makes retries safe (same as request_id)"), ("X-Request-ID", "Traced through to the agent"),
+             ("Last-Event-ID", "Resumes a stream after this event (with the same Idempotency-Key and stream: true)")),
+    streams=True,
+    tags=("chat",),
+)
+def regenerate(user_id: str, conversation_id: str):
+    """The agent answers the conversation again up to its latest user message; the new answer (a new
+    message_id, the same seq) replaces the latest one, in one transaction, as a turn is stored."""
+    regenerate_request = load_regenerate_request(user_id, conversation_id)  # 1. validate
+    authenticate(user_id)  # 2. authenticate,
+    note(user_id=user_id, conversation_id=conversation_id, regenerate=True)
+    enforce_rate_limit(user_id)  # then the rate limit (and, in the service, the idempotency key and the budget)
+    with TURNS_IN_FLIGHT.track_inprogress():
+        turn = current_app.extensions["chat_service"].send(  # 3. resolve the conversation; 4. execute the agent
+            user_id, regenerate_request, request_id=g.request_id, note=note)
+    return respond(regenerate_request, turn)  # 5. return

@@ -70,7 +70,20 @@ def json_body() -> object:
     MAX_CONTENT_LENGTH. Not get_json(): it accepts NaN and lets deep nesting escape as a 500."""
     if request.mimetype != "application/json":
         raise InvalidRequest("Content-Type must be application/json")
+    return _decode(body_bytes())
+
+
+def optional_json_body() -> object:
+    """The decoded JSON body as json_body() reads it, or an empty object for a request without one."""
     raw = body_bytes()
+    if not raw:
+        return {}
+    if request.mimetype != "application/json":
+        raise InvalidRequest("Content-Type must be application/json")
+    return _decode(raw)
+
+
+def _decode(raw: bytes) -> object:
     try:
         return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except RecursionError:

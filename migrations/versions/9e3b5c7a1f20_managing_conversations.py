@@ -1,4 +1,5 @@
-"""Managing conversations: titles a user gives (up to 200 characters), metadata, feedback on answers.
+"""Managing conversations: titles a user gives (up to 200 characters), metadata, feedback on answers;
+indexes for the retention purge.
 
 Revision ID: 9e3b5c7a1f20
 Revises: 4f7d2b91c0e3
@@ -27,9 +28,14 @@ def upgrade():
         batch_op.add_column(sa.Column('feedback_rating', sa.String(length=16), nullable=True))
         batch_op.add_column(sa.Column('feedback_comment', sa.Text(), nullable=True))
         batch_op.add_column(sa.Column('feedback_at', sa.DateTime(timezone=True), nullable=True))
+    # The retention purge's scan of old conversations, and the deletes that take a conversation's keys.
+    op.create_index('ix_conversations_updated_at', 'conversations', ['updated_at'], unique=False)
+    op.create_index('ix_idempotency_keys_conversation_id', 'idempotency_keys', ['conversation_id'], unique=False)
 
 
 def downgrade():
+    op.drop_index('ix_idempotency_keys_conversation_id', table_name='idempotency_keys')
+    op.drop_index('ix_conversations_updated_at', table_name='conversations')
     with op.batch_alter_table('messages', schema=None) as batch_op:
         batch_op.drop_column('feedback_at')
         batch_op.drop_column('feedback_comment')
