@@ -1,4 +1,5 @@
 """Managing history: renaming a conversation and its metadata (PATCH), feedback on answers (PUT)."""
+import contextlib
 import json
 import threading
 import uuid
@@ -278,9 +279,10 @@ def test_renaming_is_one_statement(chat, patch, count_statements):
     assert len(counter.statements) == 1
 
 
-def test_renaming_while_a_turn_is_in_flight(app, auth, chat, patch, get, agent_server, store):
-    conversation_id = chat.turn("one")["conversation_id"]
-    arrived, release = threading.Event(), threading.Event()
+@contextlib.contextmanager
+def a_turn_in_flight(app, auth, agent_server, conversation_id):
+    """A turn "two" on the conversation, held at the agent until the block ends; its answer, after."""
+    arrived, release, answers = threading.Event(), threading.Event(), []
 
     def hold(_request):
         arrived.set()
@@ -293,20 +295,27 @@ def test_renaming_while_a_turn_is_in_flight(app, auth, chat, patch, get, agent_s
                            headers=auth.headers())
         try:
             assert arrived.wait(15)
-            held = store.conversation(conversation_id)
-            assert held.claim_token is not None and held.message_count == 2
-            claim = (held.claim_token, held.claimed_until, held.message_count, held.updated_at)
-
-            response = patch(conversation_id, {"title": "Renamed mid-turn", "metadata": {"state": "thinking"}})
-
-            assert response.status_code == 200
-            assert response.get_json()["message_count"] == 2
-            row = store.conversation(conversation_id)
-            assert (row.claim_token, row.claimed_until, row.message_count, row.updated_at) == claim
-            assert (row.title, row.meta) == ("Renamed mid-turn", {"state": "thinking"})
+            yield answers
         finally:
             release.set()
-        answer = turn.result(timeout=15)
+        answers.append(turn.result(timeout=15))
+
+
+def test_renaming_while_a_turn_is_in_flight(app, auth, chat, patch, get, agent_server, store):
+    conversation_id = chat.turn("one")["conversation_id"]
+    with a_turn_in_flight(app, auth, agent_server, conversation_id) as answers:
+        held = store.conversation(conversation_id)
+        assert held.claim_token is not None and held.message_count == 2
+        claim = (held.claim_token, held.claimed_until, held.message_count, held.updated_at)
+
+        response = patch(conversation_id, {"title": "Renamed mid-turn", "metadata": {"state": "thinking"}})
+
+        assert response.status_code == 200
+        assert response.get_json()["message_count"] == 2
+        row = store.conversation(conversation_id)
+        assert (row.claim_token, row.claimed_until, row.message_count, row.updated_at) == claim
+        assert (row.title, row.meta) == ("Renamed mid-turn", {"state": "thinking"})
+    answer = answers[0]
     assert answer.status_code == 200, answer.get_json()
     assert answer.get_json()["message"] == "You said: two"
     body = get(f"/conversations/{conversation_id}").get_json()
@@ -497,24 +506,10 @@ def test_feedback_is_two_statements(answered, put_feedback, count_statements):
 
 def test_feedback_while_a_turn_is_in_flight(app, auth, answered, put_feedback, get, agent_server):
     conversation_id, _question_id, answer_id = answered
-    arrived, release = threading.Event(), threading.Event()
-
-    def hold(_request):
-        arrived.set()
-        release.wait(15)
-
-    agent_server.on_request = hold
-    turn_client = app.test_client()
-    with ThreadPoolExecutor(1) as pool:
-        turn = pool.submit(turn_client.post, "/api/alice/chat", json={"message": "two", "conversation_id": conversation_id},
-                           headers=auth.headers())
-        try:
-            assert arrived.wait(15)
-            response = put_feedback(conversation_id, answer_id, {"rating": "like"})
-            assert response.status_code == 200
-        finally:
-            release.set()
-        assert turn.result(timeout=15).status_code == 200
+    with a_turn_in_flight(app, auth, agent_server, conversation_id) as answers:
+        response = put_feedback(conversation_id, answer_id, {"rating": "like"})
+        assert response.status_code == 200
+    assert answers[0].status_code == 200
     messages = get(f"/conversations/{conversation_id}/messages").get_json()["messages"]
     assert [message.get("feedback", "absent") for message in messages] == [
         "absent", {"rating": "like", "comment": None, "updated_at": response.get_json()["updated_at"]}, "absent", None]

@@ -81,6 +81,26 @@ def event_stream_response(turn: TurnResponse | TurnStream | ResumedStream, last_
     return response
 
 
+# What a turn can answer besides its ChatResponse, and the request headers it reads: the same for a
+# message sent and an answer regenerated.
+TURN_ERRORS = (
+    errors.PayloadTooLarge,
+    errors.RateLimited,
+    errors.QuotaExceeded,
+    errors.ConversationNotFound,
+    errors.ConversationBusy,
+    errors.IdempotencyInProgress,
+    errors.IdempotencyKeyReused,
+    errors.TurnStopped,
+    errors.AgentUnavailable,
+)
+TURN_HEADERS = (
+    ("Idempotency-Key", "Makes retries safe (same as request_id)"),
+    ("X-Request-ID", "Traced through to the agent"),
+    ("Last-Event-ID", "Resumes a stream after this event (with the same Idempotency-Key and stream: true)"),
+)
+
+
 @bp.post("/api/<user_id>/chat")
 @documented(
     summary="Send a message; the agent's answer",
@@ -88,19 +108,8 @@ def event_stream_response(turn: TurnResponse | TurnStream | ResumedStream, last_
     replays=True,
     body=ChatRequestSchema,
     response=ChatResponseSchema,
-    errors=(
-        errors.PayloadTooLarge,
-        errors.RateLimited,
-        errors.QuotaExceeded,
-        errors.ConversationNotFound,
-        errors.ConversationBusy,
-        errors.IdempotencyInProgress,
-        errors.IdempotencyKeyReused,
-        errors.TurnStopped,
-        errors.AgentUnavailable,
-    ),
-    headers=(("Idempotency-Key", "Makes retries safe (same as request_id)"), ("X-Request-ID", "Traced through to the agent"),
-             ("Last-Event-ID", "Resumes a stream after this event (with the same Idempotency-Key and stream: true)")),
+    errors=TURN_ERRORS,
+    headers=TURN_HEADERS,
     streams=True,
     tags=("chat",),
 )
@@ -124,20 +133,8 @@ def chat(user_id: str):
     body=RegenerateRequestSchema,
     body_required=False,
     response=ChatResponseSchema,
-    errors=(
-        errors.PayloadTooLarge,
-        errors.RateLimited,
-        errors.QuotaExceeded,
-        errors.ConversationNotFound,
-        errors.MessageNotFound,
-        errors.ConversationBusy,
-        errors.IdempotencyInProgress,
-        errors.IdempotencyKeyReused,
-        errors.TurnStopped,
-        errors.AgentUnavailable,
-    ),
-    headers=(("Idempotency-Key", "Makes retries safe (same as request_id)"), ("X-Request-ID", "Traced through to the agent"),
-             ("Last-Event-ID", "Resumes a stream after this event (with the same Idempotency-Key and stream: true)")),
+    errors=(*TURN_ERRORS, errors.MessageNotFound),
+    headers=TURN_HEADERS,
     streams=True,
     tags=("chat",),
 )
