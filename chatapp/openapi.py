@@ -18,7 +18,7 @@ from flask import Flask
 from marshmallow import Schema
 
 from chatapp import errors
-from chatapp.schemas import IDEMPOTENCY_KEY_JSON_PATTERN, Cursor, Day, ErrorSchema
+from chatapp.schemas import IDEMPOTENCY_KEY_JSON_PATTERN, ConversationUpdateSchema, Cursor, Day, ErrorSchema
 from chatapp.values import USER_ID_MAX_CHARS
 
 OPENAPI_VERSION = "3.0.3"
@@ -293,6 +293,8 @@ def build_openapi(app: Flask) -> dict:
     spec.components.security_scheme("metricsToken", {
         "type": "http", "scheme": "bearer", "description": "METRICS_TOKEN, when the service has one set"})
     spec.components.schema("Error", schema=ErrorSchema)
+    # What a schema's fields cannot say: a rename must change something.
+    spec.components.schema("ConversationUpdate", component={"minProperties": 1}, schema=ConversationUpdateSchema)
     for tag in TAGS:
         spec.tag(tag)
     paths: dict[str, dict] = {}

@@ -89,7 +89,12 @@ def make_token(secret: str, user_id: str, lifetime: int = 3600) -> str:
 
 def start_conversations(base_url: str, token: str, user_id: str, count: int) -> list[str]:
     """`count` new conversations of `user_id`; their ids."""
-    ids = []
+    return [conversation_id for conversation_id, _answer_id in answered_conversations(base_url, token, user_id, count)]
+
+
+def answered_conversations(base_url: str, token: str, user_id: str, count: int) -> list[tuple[str, str]]:
+    """`count` new conversations of `user_id`: the id of each and of its answer."""
+    started = []
     for index in range(count):
         response = requests.post(
             f"{base_url}/api/{user_id}/chat",
@@ -98,8 +103,8 @@ def start_conversations(base_url: str, token: str, user_id: str, count: int) -> 
             timeout=REQUEST_TIMEOUT,
         )
         response.raise_for_status()
-        ids.append(response.json()["conversation_id"])
-    return ids
+        started.append((response.json()["conversation_id"], response.json()["message_id"]))
+    return started
 
 
 # newman -----------------------------------------------------------------------------------------
@@ -137,11 +142,12 @@ def run_newman(base_url: str, token: str, metrics_token: str, workdir: Path) -> 
 # schemathesis -----------------------------------------------------------------------------------
 
 
-def schemathesis_config(kept: list[str], doomed: list[str], erase_token: str) -> str:
+def schemathesis_config(kept: list[str], doomed: list[str], erase_token: str, rated: tuple[str, str]) -> str:
     """schemathesis.toml. Most cases use the token's own user and real conversations, so that 200s
     and 204s are exercised; the others are fuzzed (403s, 404s). Deletions get conversations of
     their own, so that reads and turns still find theirs; the erasure of a user's data gets a user
-    of its own (ERASE_USER, with its token), so that it erases none of them.
+    of its own (ERASE_USER, with its token), so that it erases none of them. Feedback gets a
+    conversation of its own with its answer (`rated`), which no regeneration replaces.
 
     Fuzzing does not reuse values from responses ("extra data sources"): in schemathesis 4.32.5 that
     makes data generation depend on earlier responses, Hypothesis then stops an operation with
@@ -161,6 +167,12 @@ def schemathesis_config(kept: list[str], doomed: list[str], erase_token: str) ->
         [dictionaries.eraser]
         values = {json.dumps([ERASE_USER])}
 
+        [dictionaries.rated]
+        values = {json.dumps([rated[0]])}
+
+        [dictionaries.answer]
+        values = {json.dumps([rated[1]])}
+
         [parameters]
         "path.user_id" = {{ dictionary = "user", probability = 0.9 }}
         "path.conversation_id" = {{ dictionary = "kept", probability = 0.6 }}
@@ -177,14 +189,18 @@ def schemathesis_config(kept: list[str], doomed: list[str], erase_token: str) ->
         include-operation-id = "erase_user_data"
         headers = {{ Authorization = {json.dumps(f"Bearer {erase_token}")} }}
         parameters = {{ "path.user_id" = {{ dictionary = "eraser", probability = 0.9 }} }}
+
+        [[operations]]
+        include-operation-id = "put_feedback"
+        parameters = {{ "path.conversation_id" = {{ dictionary = "rated", probability = 0.8 }}, "path.message_id" = {{ dictionary = "answer", probability = 0.8 }} }}
         """
     )
 
 
 def run_schemathesis(base_url: str, token: str, workdir: Path, kept: list[str], doomed: list[str],
-                     erase_token: str) -> dict:
+                     erase_token: str, rated: tuple[str, str]) -> dict:
     config = workdir / "schemathesis.toml"
-    config.write_text(schemathesis_config(kept, doomed, erase_token))
+    config.write_text(schemathesis_config(kept, doomed, erase_token, rated))
     events = workdir / "schemathesis.ndjson"
     report = workdir / "schemathesis.json"
     arguments = [
@@ -340,8 +356,9 @@ def main() -> int:
         ids = start_conversations(server.url, fuzz_token, FUZZ_USER, KEPT_CONVERSATIONS + DOOMED_CONVERSATIONS)
         erase_token = make_token(secret, ERASE_USER)
         start_conversations(server.url, erase_token, ERASE_USER, ERASED_CONVERSATIONS)
+        [rated] = answered_conversations(server.url, fuzz_token, FUZZ_USER, 1)
         fuzz = run_schemathesis(server.url, fuzz_token, workdir, ids[:KEPT_CONVERSATIONS], ids[KEPT_CONVERSATIONS:],
-                                erase_token)
+                                erase_token, rated)
     finally:
         if server is not None:
             output = server.stop()

@@ -163,3 +163,10 @@ def test_swagger_ui_is_served_offline(client):
     assert "http" not in "".join(assets)
     missing = client.get("/docs/nothing-here.js")
     assert missing.status_code == 404 and missing.get_json()["code"] == "not_found"
+
+
+def test_a_rename_must_change_something(document):
+    """An empty PATCH body is 400: the document says so too, so that generated clients and fuzzers agree."""
+    assert document["components"]["schemas"]["ConversationUpdate"]["minProperties"] == 1
+    patch = document["paths"]["/api/{user_id}/conversations/{conversation_id}"]["patch"]
+    assert patch["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ConversationUpdate"}
