@@ -251,10 +251,10 @@ class ChatService:
     @staticmethod
     def _latest_question(session: Session, conversation_id: uuid.UUID, question_seq: int) -> str:
         """The user message that the conversation's latest answer answers; 404 when there is none."""
-        latest = queries.messages_from(session, conversation_id, question_seq)
-        if [(seq, role) for seq, role, _ in latest] != [(question_seq, "user"), (question_seq + 1, "assistant")]:
+        latest = queries.messages_after(session, conversation_id, question_seq - 1, question_seq + 1, 2)
+        if [(message.seq, message.role) for message in latest] != [(question_seq, "user"), (question_seq + 1, "assistant")]:
             raise MessageNotFound("The conversation has no answer to regenerate")
-        return latest[0][2]
+        return latest[0].content
 
     def stop(self, user_id: str, conversation_id: str, wait_seconds: float = STOP_WAIT_SECONDS) -> None:
         """Stop the turn in flight on the user's conversation, wherever it runs: mark it, wait for the

@@ -209,16 +209,6 @@ def recent_history(session: Session, conversation_id: uuid.UUID, max_messages: i
     return [(role, content) for role, content in rows]
 
 
-def messages_from(session: Session, conversation_id: uuid.UUID, first_seq: int) -> list[tuple[int, str, str]]:
-    """(seq, role, content) of the conversation's messages from `first_seq` on (a regenerated
-    turn's: its question and the answer it replaces)."""
-    return [tuple(row) for row in session.execute(
-        select(messages.c.seq, messages.c.role, messages.c.content)
-        .where(messages.c.conversation_id == conversation_id, messages.c.seq >= first_seq)
-        .order_by(messages.c.seq)
-    )]
-
-
 def delete_message(session: Session, conversation_id: uuid.UUID, seq: int) -> bool:
     """Delete the conversation's message `seq` (an answer being replaced), feedback and all."""
     return session.execute(
