@@ -174,10 +174,13 @@ class ChatService:
         try:
             asked_at = self.clock()
             self.budget.check(session, user_id, asked_at)  # a replay, answered above, costs no budget
+            history = None
             if request.conversation_id is not None:
-                claims.conversation = claim_conversation(session, user_id, request.conversation_id, self.leases.lease_seconds)
+                window = None if request.regenerate else (self.policy.max_messages, self.policy.max_chars)
+                claims.conversation, history = claim_conversation(session, user_id, request.conversation_id,
+                                                                  self.leases.lease_seconds, window)
                 self.leases.hold(claims)
-            turn = Turn(user_id, request, claims, asked_at, self._context(session, claims, request))
+            turn = Turn(user_id, request, claims, asked_at, self._context(session, claims, request, history))
             if request.stream:
                 return TurnStream.start(self, turn, request_id)
             timing = AgentTiming(note)
@@ -233,12 +236,15 @@ class ChatService:
                                       self.streams.longest_seconds)
         return ResumedStream(events) if events is not None else None
 
-    def _context(self, session: Session, claims: TurnClaims, request: ChatRequest) -> list[dict]:
-        """Step 4's input: the kept history and the new message; to regenerate, the history before
-        the latest answer's question, and that question again. Commits the claim and ends the
-        transaction, so that a slow agent holds no pooled connection."""
-        history, message, conversation = [], request.message, claims.conversation
-        if conversation is not None:
+    def _context(self, session: Session, claims: TurnClaims, request: ChatRequest,
+                 history: list[tuple[str, str]] | None) -> list[dict]:
+        """Step 4's input: the kept history (read with the claim, or here) and the new message; to
+        regenerate, the history before the latest answer's question, and that question again.
+        Commits the claim and ends the transaction, so that a slow agent holds no pooled connection."""
+        message, conversation = request.message, claims.conversation
+        if conversation is None:
+            history = []
+        elif history is None:
             before_seq = None
             if request.regenerate:
                 before_seq = conversation.message_count - 1
@@ -282,35 +288,71 @@ class ChatService:
     def store(self, turn: Turn, reply: AgentReply) -> TurnResponse:
         """Store the conversation (if new), both messages (to regenerate: the new answer in place of
         the latest one), the user's usage counters and the idempotency record in one short
-        transaction, and give the conversation back."""
+        transaction (on PostgreSQL, one statement), and give the conversation back."""
         session = self.sessions()
         conversation, answered_at, answer_seq = turn.claims.conversation, self.clock(), turn.answer_seq
+        conversation_id = conversation.id if conversation is not None else uuid.uuid4()
         counted = usage.counted_usage(reply.usage, turn.context, reply.content)
         day_usage = usage.day_usage(turn.user_id, answered_at, counted)  # counted with the conversation's row
-        if conversation is None:
-            conversation_id = uuid.uuid4()
-            queries.insert_conversation(session, {
-                "id": conversation_id, "user_id": turn.user_id, "title": conversation_title(turn.request.message),
-                "message_count": answer_seq, "created_at": turn.asked_at, "updated_at": answered_at,
-            }, day_usage)
-        else:
-            conversation_id = conversation.id
-            if not queries.finish_conversation_turn(session, conversation_id, conversation.token, answer_seq, answered_at,
-                                                    day_usage):
-                raise ConversationBusy()  # our lease lapsed and another turn took the conversation
         message_id, model = uuid.uuid4(), reply.model or turn.request.model
         body = self.render(Answer(conversation_id=str(conversation_id), message_id=str(message_id),
                                   message=reply.content, role="assistant", created_at=answered_at,
                                   usage=reply.usage, model=model, finish_reason=reply.finish_reason))
-        rows = [{"id": message_id, "conversation_id": conversation_id, "seq": answer_seq, "role": "assistant",
-                 "content": reply.content, "created_at": answered_at, "model": model,
-                 "finish_reason": reply.finish_reason, "usage": reply.usage}]
-        if turn.request.regenerate:
-            queries.delete_message(session, conversation_id, answer_seq)  # the answer it replaces, feedback and all
+        answer = {"id": message_id, "conversation_id": conversation_id, "seq": answer_seq, "role": "assistant",
+                  "content": reply.content, "created_at": answered_at, "model": model,
+                  "finish_reason": reply.finish_reason, "usage": reply.usage}
+        question = {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": answer_seq - 1, "role": "user",
+                    "content": turn.request.message, "created_at": turn.asked_at, "model": None,
+                    "finish_reason": None, "usage": None}
+        if not turn.request.regenerate and queries.is_postgresql(session):
+            self._store_in_one_statement(session, turn, body, question, answer, day_usage)
         else:
-            rows.insert(0, {"id": uuid.uuid4(), "conversation_id": conversation_id, "seq": answer_seq - 1, "role": "user",
-                            "content": turn.request.message, "created_at": turn.asked_at, "model": None,
-                            "finish_reason": None, "usage": None})
+            self._store_in_a_transaction(session, turn, body, question, answer, day_usage)
+        self.leases.let_go(turn.claims)
+        metrics.count_tokens(model, counted.prompt_tokens, counted.completion_tokens)
+        return TurnResponse(body, replayed=False, conversation_id=str(conversation_id))
+
+    def _store_in_one_statement(self, session: Session, turn: Turn, body: str, question: dict, answer: dict,
+                                day_usage: dict) -> None:
+        conversation, key = turn.claims.conversation, turn.claims.key
+        values = {"conversation_id": answer["conversation_id"], "owner": turn.user_id, "new_message_count": answer["seq"],
+                  "now": answer["created_at"]}
+        if conversation is None:
+            values.update(title=conversation_title(turn.request.message), asked_at=turn.asked_at)
+        else:
+            values["token"] = conversation.token
+        if key is not None:
+            values.update(key_name=key.key, key_token=key.token, response_body=body)
+        session.commit()  # a turn holds one pooled connection at a time
+        with queries.statements_alone(session) as connection:
+            stored = queries.store_turn(connection, values, question, answer, day_usage,
+                                        new_conversation=conversation is None, with_key=key is not None)
+        if stored:
+            return
+        # Our lease lapsed and another turn took the conversation or the key; or the (conversation_id,
+        # seq) index refused the messages, the last guard against interleaved turns.
+        conversation_lost = conversation is not None and not queries.conversation_claimed_by(session, conversation.id,
+                                                                                               conversation.token)
+        if not conversation_lost and key is not None and not queries.key_claimed_by(session, key.user_id, key.key, key.token):
+            raise IdempotencyInProgress()
+        raise ConversationBusy()
+
+    def _store_in_a_transaction(self, session: Session, turn: Turn, body: str, question: dict, answer: dict,
+                                day_usage: dict) -> None:
+        conversation, conversation_id = turn.claims.conversation, answer["conversation_id"]
+        if conversation is None:
+            queries.insert_conversation(session, {
+                "id": conversation_id, "user_id": turn.user_id, "title": conversation_title(turn.request.message),
+                "message_count": answer["seq"], "created_at": turn.asked_at, "updated_at": answer["created_at"],
+            }, day_usage)
+        elif not queries.finish_conversation_turn(session, conversation_id, conversation.token, answer["seq"],
+                                                  answer["created_at"], day_usage):
+            raise ConversationBusy()  # our lease lapsed and another turn took the conversation
+        rows = [answer]
+        if turn.request.regenerate:
+            queries.delete_message(session, conversation_id, answer["seq"])  # the answer it replaces, feedback and all
+        else:
+            rows.insert(0, question)
         try:
             queries.insert_messages(session, rows)
         except IntegrityError:
@@ -319,9 +361,6 @@ class ChatService:
         if turn.claims.key is not None:
             idempotency.complete_key(session, turn.claims.key, body, conversation_id)
         session.commit()
-        self.leases.let_go(turn.claims)
-        metrics.count_tokens(model, counted.prompt_tokens, counted.completion_tokens)
-        return TurnResponse(body, replayed=False, conversation_id=str(conversation_id))
 
     def release(self, claims: TurnClaims) -> None:
         """After a failed turn: nothing of it stays stored, the conversation and the key are free

@@ -58,15 +58,26 @@ class TurnClaims:
     since: float = field(default_factory=time.monotonic)
 
 
-def claim_conversation(session: Session, user_id: str, conversation_id: str, lease_seconds: float) -> ClaimedConversation:
+def claim_conversation(session: Session, user_id: str, conversation_id: str, lease_seconds: float,
+                       history_window: tuple[int, int] | None = None) -> tuple[ClaimedConversation, list[tuple[str, str]] | None]:
     """Hold the user's conversation for a turn, a lease of `lease_seconds`; 404 for an id that is
-    not one of the user's conversations, 409 while another turn holds it."""
+    not one of the user's conversations, 409 while another turn holds it. With `history_window`
+    (max messages, max characters), and where the database does it in the same statement, also
+    its history (queries.recent_history()'s), committed; else None, and the caller commits."""
     parsed_id = parse_conversation_id(conversation_id)
     now, token = utcnow(), uuid.uuid4()
-    message_count = queries.claim_conversation(session, user_id, parsed_id, token, now, now + timedelta(seconds=lease_seconds))
+    until = now + timedelta(seconds=lease_seconds)
+    history = None
+    if history_window is not None and queries.is_postgresql(session):
+        session.commit()  # what the key or the budget read held: a turn holds one pooled connection at a time
+        with queries.statements_alone(session) as connection:
+            claimed = queries.claim_conversation_with_history(connection, user_id, parsed_id, token, now, until, *history_window)
+        message_count, history = claimed or (None, None)
+    else:
+        message_count = queries.claim_conversation(session, user_id, parsed_id, token, now, until)
     if message_count is None:
         raise ConversationBusy() if queries.conversation_exists(session, user_id, parsed_id) else ConversationNotFound()
-    return ClaimedConversation(parsed_id, message_count, token)
+    return ClaimedConversation(parsed_id, message_count, token), history
 
 
 def release(session: Session, claims: TurnClaims) -> None:

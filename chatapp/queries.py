@@ -1,11 +1,14 @@
 """The SQL of the service: every statement reads or writes a bounded number of rows. Each function
 runs on the session it is given (the request's, or one of a background thread's)."""
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import date, datetime
 from typing import NamedTuple
 
-from sqlalchemy import and_, bindparam, delete, exists, func, insert, not_, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, literal, not_, or_, select, true, tuple_, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,7 +29,7 @@ def _param(name: str, column):
 
 # The statements of every turn are built once, with named parameters: building a statement and
 # computing its cache key on every call cost a turn more CPU than running it did.
-_CLAIM_CONVERSATION = (
+_CLAIM = (
     update(conversations)
     .where(
         conversations.c.id == _param("conversation_id", conversations.c.id),
@@ -34,8 +37,8 @@ _CLAIM_CONVERSATION = (
         or_(conversations.c.claimed_until.is_(None), conversations.c.claimed_until < _param("now", conversations.c.claimed_until)),
     )
     .values(claim_token=_param("new_token", conversations.c.claim_token), claimed_until=_param("until", conversations.c.claimed_until))
-    .returning(conversations.c.message_count)
 )
+_CLAIM_CONVERSATION = _CLAIM.returning(conversations.c.message_count)
 _FINISH_CONVERSATION_TURN = (
     update(conversations)
     .where(
@@ -57,7 +60,7 @@ _INSERT_CONVERSATION = insert(conversations).values({
 _INSERT_MESSAGES = insert(messages).returning(messages.c.seq)
 
 
-def _recent_history_statement(before_seq: bool = False):
+def _history_window(before_seq: bool = False):
     """The latest `max_messages` messages of a conversation (with `before_seq`: of those before
     that sequence number), with the characters of each and of the newer ones (newest first),
     through the (conversation_id, seq) index."""
@@ -72,7 +75,12 @@ def _recent_history_statement(before_seq: bool = False):
         .subquery()
     )
     newest_first_chars = func.sum(func.length(latest.c.content)).over(order_by=latest.c.seq.desc())
-    windowed = select(latest, newest_first_chars.label("chars_so_far")).subquery()
+    return select(latest, newest_first_chars.label("chars_so_far")).subquery("history")
+
+
+def _recent_history_statement(before_seq: bool = False):
+    """The window's messages whose contents, with the newer ones', total at most `max_chars`, oldest first."""
+    windowed = _history_window(before_seq)
     return (
         select(windowed.c.role, windowed.c.content)
         .where(windowed.c.chars_so_far <= bindparam("max_chars"))
@@ -135,6 +143,7 @@ _RENEW_CONVERSATION_CLAIM = (
     .values(claimed_until=_param("until", conversations.c.claimed_until))
 )
 keys = IdempotencyKey.__table__
+_INSERT_KEY_UNLESS_THERE = postgresql.insert(keys).on_conflict_do_nothing().returning(keys.c.key)
 _RENEW_KEY_CLAIM = (
     update(keys)
     .where(keys.c.user_id == _param("owner", keys.c.user_id), keys.c.key == _param("name", keys.c.key),
@@ -193,7 +202,7 @@ def release_conversation(session: Session, conversation_id: uuid.UUID, token: uu
     )
 
 
-def recent_history(session: Session, conversation_id: uuid.UUID, max_messages: int, max_chars: int,
+def recent_history(session: Session | Connection, conversation_id: uuid.UUID, max_messages: int, max_chars: int,
                    before_seq: int | None = None) -> list[tuple[str, str]]:
     """(role, content) of the latest messages (before sequence number `before_seq`, when given),
     oldest first: at most `max_messages`, dropping the oldest until their contents total at most
@@ -217,18 +226,16 @@ def delete_message(session: Session, conversation_id: uuid.UUID, seq: int) -> bo
 
 
 def insert_idempotency_key(session: Session, user_id: str, key: str, fingerprint: str, token: uuid.UUID, now: datetime, locked_until: datetime) -> bool:
-    """Record the key as in progress and commit; False when the user already has this key."""
+    """Record the key as in progress and commit (on PostgreSQL, one statement in autocommit: one
+    round trip instead of three); False when the user already has this key."""
+    values = {"user_id": user_id, "key": key, "fingerprint": fingerprint, "claim_token": token, "locked_until": locked_until,
+              "created_at": now}
+    if is_postgresql(session):
+        session.commit()  # a turn holds one pooled connection at a time
+        with statements_alone(session) as connection:
+            return connection.execute(_INSERT_KEY_UNLESS_THERE, values).first() is not None
     try:
-        session.execute(
-            insert(IdempotencyKey).values(
-                user_id=user_id,
-                key=key,
-                fingerprint=fingerprint,
-                claim_token=token,
-                locked_until=locked_until,
-                created_at=now,
-            )
-        )
+        session.execute(insert(keys).values(values))
         session.commit()
         return True
     except IntegrityError:
@@ -430,14 +437,20 @@ daily_usage = DailyUsage.__table__
 token_budgets = TokenBudget.__table__
 
 
-def _add_daily_usage_statement(dialect_insert):
+def _add_daily_usage_statement(dialect_insert, once_per_row_of=None):
     """INSERT ... ON CONFLICT (user_id, day) DO UPDATE adding to the row: one statement whatever
-    the history, atomic under concurrent turns of one user (PostgreSQL and SQLite both have it)."""
-    statement = dialect_insert(daily_usage).values(
-        user_id=_param("owner", daily_usage.c.user_id), day=_param("day", daily_usage.c.day), turns=1,
-        prompt_tokens=_param("prompt_tokens", daily_usage.c.prompt_tokens),
-        completion_tokens=_param("completion_tokens", daily_usage.c.completion_tokens),
-        estimated_turns=_param("estimated_turns", daily_usage.c.estimated_turns))
+    the history, atomic under concurrent turns of one user (PostgreSQL and SQLite both have it).
+    With `once_per_row_of` (a CTE), it adds only if that CTE returned a row."""
+    added_values = {
+        "user_id": _param("owner", daily_usage.c.user_id), "day": _param("day", daily_usage.c.day), "turns": literal(1),
+        "prompt_tokens": _param("prompt_tokens", daily_usage.c.prompt_tokens),
+        "completion_tokens": _param("completion_tokens", daily_usage.c.completion_tokens),
+        "estimated_turns": _param("estimated_turns", daily_usage.c.estimated_turns)}
+    if once_per_row_of is None:
+        statement = dialect_insert(daily_usage).values(added_values)
+    else:
+        statement = dialect_insert(daily_usage).from_select(
+            list(added_values), select(*added_values.values()).select_from(once_per_row_of))
     added = statement.excluded
     return statement.on_conflict_do_update(
         index_elements=[daily_usage.c.user_id, daily_usage.c.day],
@@ -476,6 +489,142 @@ def _counting_the_turn(session: Session, statement: str, parameters: dict, day_u
     return result
 
 
+# A turn in two statements on PostgreSQL, each its own transaction: a connection in autocommit
+# sends no BEGIN and COMMIT. Before the agent, the claim and the history; after it, the conversation,
+# both messages, the day's usage and the idempotency key. A continued turn was six round trips
+# (BEGIN, claim, history, COMMIT; BEGIN, finish, messages, COMMIT); S2 ran at 0.57 of a turn
+# doing only its two statements (bench/README.md, --reference).
+
+
+def _claim_with_history_statement():
+    """Claim the conversation (as _CLAIM_CONVERSATION) and read its history window: a row per
+    message kept (role and content, oldest first; one row of NULLs for none), each with the message
+    count claimed and whether the history read is the claimed conversation's (`current`).
+    All of a statement reads one snapshot, taken when it starts; the claim's UPDATE, which waited
+    for a turn storing its messages, sees that turn and the snapshot does not. The claimed row
+    and the snapshot's then differ, and the caller reads the history again."""
+    claimed = _CLAIM.returning(conversations.c.message_count, conversations.c.updated_at).cte("claimed")
+    seen = (select(conversations.c.message_count, conversations.c.updated_at)
+            .where(conversations.c.id == _param("conversation_id", conversations.c.id)).subquery("seen"))
+    history = _history_window()
+    current = and_(seen.c.message_count == claimed.c.message_count, seen.c.updated_at == claimed.c.updated_at)
+    return (
+        select(claimed.c.message_count, current.label("current"), history.c.role, history.c.content)
+        .select_from(claimed.join(seen, true()).outerjoin(history, history.c.chars_so_far <= bindparam("max_chars")))
+        .order_by(history.c.seq)
+    )
+
+
+_CLAIM_WITH_HISTORY = _claim_with_history_statement()
+_MESSAGE_ROW = ("id", "seq", "role", "content", "created_at", "model", "finish_reason", "usage")
+
+
+def _store_turn_statement(new_conversation: bool, with_key: bool):
+    """The turn stored in one statement: the conversation inserted (new) or its claim finished, then
+    the idempotency key completed, the day's usage added, both messages inserted. Either all of it
+    or none: the messages take their conversation id from the rows written (the conversation's and
+    the key's), and when one was not written (the claim lapsed and another turn took it), that id
+    is NULL, which the NOT NULL constraint refuses, and the whole statement fails. The key is
+    written after the conversation (its condition reads it), the order in which the lease renewal
+    locks them: the other order deadlocked with it."""
+    if new_conversation:
+        # No parameter is named after a column of an UPDATE here: SQLAlchemy would add it to its SET.
+        values = {"id": "conversation_id", "user_id": "owner", "title": "title", "message_count": "new_message_count",
+                  "created_at": "asked_at", "updated_at": "now"}
+        written = insert(conversations).from_select(
+            list(values), select(*(_param(name, conversations.c[column]) for column, name in values.items())))
+    else:
+        written = _FINISH_CONVERSATION_TURN
+    written = written.returning(conversations.c.id).cte("turned")
+    ctes = [written, _add_daily_usage_statement(postgresql.insert, once_per_row_of=written).cte("counted")]
+    conversation_id = select(written.c.id)
+    if with_key:
+        keyed = (
+            update(keys)
+            .where(keys.c.user_id == _param("owner", keys.c.user_id), keys.c.key == _param("key_name", keys.c.key),
+                   keys.c.claim_token == _param("key_token", keys.c.claim_token), exists(select(written.c.id)))
+            .values(response_body=_param("response_body", keys.c.response_body),
+                    conversation_id=_param("conversation_id", keys.c.conversation_id), claim_token=None, locked_until=None)
+            .returning(keys.c.key)
+            .cte("keyed")
+        )
+        ctes.append(keyed)
+        conversation_id = conversation_id.where(exists(select(keyed.c.key)))
+    # Two SELECTs of parameters rather than a two-row VALUES: SQLAlchemy caches no multi-row VALUES
+    # statement, and would compile it on every turn.
+    rows = union_all(*(select(conversation_id.scalar_subquery(), *(_param(f"{who}_{name}", messages.c[name]) for name in _MESSAGE_ROW))
+                       for who in ("question", "answer")))
+    return (insert(messages).from_select(["conversation_id", *_MESSAGE_ROW], rows).returning(messages.c.seq)
+            .add_cte(*ctes))
+
+
+_STORE_TURN = {(new, with_key): _store_turn_statement(new, with_key) for new in (False, True) for with_key in (False, True)}
+
+
+def is_postgresql(session: Session) -> bool:
+    """Whether the session's database runs a turn as the two statements above, and single
+    statements in autocommit (SQLite has no data-modifying CTEs, and no round trips to save)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
+@contextmanager
+def statements_alone(session: Session) -> Iterator[Connection]:
+    """A pooled connection of the session's engine (psycopg) in autocommit: each statement is a
+    transaction of its own. The session should hold no connection meanwhile: a turn takes one at a
+    time. psycopg's own switch, not SQLAlchemy's isolation_level option: that one gives the
+    connection back with an explicit isolation level, which every later BEGIN would then name."""
+    with session.get_bind().connect() as connection:
+        driver_connection = connection.connection.driver_connection
+        driver_connection.autocommit = True
+        try:
+            yield connection
+        finally:
+            if not connection.invalidated:
+                driver_connection.autocommit = False
+
+
+def claim_conversation_with_history(connection: Connection, user_id: str, conversation_id: uuid.UUID, token: uuid.UUID,
+                                    now: datetime, until: datetime, max_messages: int,
+                                    max_chars: int) -> tuple[int, list[tuple[str, str]]] | None:
+    """claim_conversation() and recent_history() in one statement: the message count claimed and
+    the history, or None (held, another user's or absent)."""
+    rows = connection.execute(_CLAIM_WITH_HISTORY, {
+        "conversation_id": conversation_id, "owner": user_id, "now": now, "new_token": token, "until": until,
+        "max_messages": max(max_messages, 0), "max_chars": max_chars}).all()
+    if not rows:
+        return None
+    message_count, current = rows[0][0], rows[0][1]
+    if not current:  # the claim waited for a turn that stored meanwhile: read what it stored too
+        return message_count, recent_history(connection, conversation_id, max_messages, max_chars)
+    return message_count, [(role, content) for _, _, role, content in rows if role is not None]
+
+
+def store_turn(connection: Connection, values: dict, question: dict, answer: dict, day_usage: dict, *, new_conversation: bool,
+               with_key: bool) -> bool:
+    """The turn stored in one statement (_store_turn_statement): `values` names the conversation
+    (conversation_id, owner, new_message_count, now; a new one's title and asked_at; a continued
+    one's claim token) and the key (key_name, key_token, response_body); `question` and `answer`
+    are message rows. False when nothing was stored: the claim on the conversation or the key was
+    no longer this turn's, or the (conversation_id, seq) index refused the messages."""
+    parameters = {**values, **day_usage, **{f"question_{name}": question[name] for name in _MESSAGE_ROW},
+                  **{f"answer_{name}": answer[name] for name in _MESSAGE_ROW}}
+    try:
+        connection.execute(_STORE_TURN[new_conversation, with_key], parameters).all()
+    except IntegrityError:
+        return False
+    return True
+
+
+def conversation_claimed_by(session: Session, conversation_id: uuid.UUID, token: uuid.UUID) -> bool:
+    """Whether the turn of `token` still holds the conversation."""
+    return claim_token(session, conversation_id) == token
+
+
+def key_claimed_by(session: Session, user_id: str, key: str, token: uuid.UUID) -> bool:
+    """Whether the turn of `token` still holds the user's idempotency key."""
+    return session.scalar(select(keys.c.claim_token).where(keys.c.user_id == user_id, keys.c.key == key)) == token
+
+
 def _budget_standing_statement():
     """The tokens the user used from one day to another, whether they have a limit of their own,
     and that limit: one round trip, through the two tables' primary keys."""
@@ -492,9 +641,14 @@ _BUDGET_STANDING = _budget_standing_statement()
 
 def budget_standing(session: Session, user_id: str, first_day: date, last_day: date) -> tuple[int, bool, int | None]:
     """(tokens used from `first_day` to `last_day`, whether the user has a limit of their own, that
-    limit: None is unlimited)."""
-    used, has_own_limit, own_limit = session.execute(
-        _BUDGET_STANDING, {"owner": user_id, "first_day": first_day, "last_day": last_day}).one()
+    limit: None is unlimited). On PostgreSQL in autocommit: one round trip instead of three."""
+    parameters = {"owner": user_id, "first_day": first_day, "last_day": last_day}
+    if is_postgresql(session):
+        session.commit()  # a turn holds one pooled connection at a time
+        with statements_alone(session) as connection:
+            used, has_own_limit, own_limit = connection.execute(_BUDGET_STANDING, parameters).one()
+    else:
+        used, has_own_limit, own_limit = session.execute(_BUDGET_STANDING, parameters).one()
     return int(used), bool(has_own_limit), own_limit
 
 

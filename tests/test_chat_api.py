@@ -217,10 +217,11 @@ def test_statements_per_turn_do_not_grow_with_history(app, chat, agent_server, c
     assert len(agent_server.requests[-1].json["messages"]) == min(history_length, 50) + 1
 
 
-# UPDATE (claim) the conversation, SELECT its history, UPDATE its message count with the user's usage
-# of the day upserted in the same statement, INSERT both messages; on SQLite the upsert is a
-# statement of its own.
-EXPECTED_STATEMENTS_PER_CONTINUED_TURN = {"postgresql": 4, "sqlite": 5}
+# On PostgreSQL, the claim with the history, then the turn stored whole (the message count, the
+# day's usage, both messages): tests/test_round_trips.py counts them on the wire. On SQLite: UPDATE
+# (claim) the conversation, SELECT its history, UPDATE its message count, upsert the day's usage,
+# INSERT both messages.
+EXPECTED_STATEMENTS_PER_CONTINUED_TURN = {"postgresql": 2, "sqlite": 5}
 
 
 def dialect(app) -> str:
