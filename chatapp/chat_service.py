@@ -251,7 +251,8 @@ class ChatService:
                 message = self._latest_question(session, conversation.id, before_seq)
             history = queries.recent_history(session, conversation.id, self.policy.max_messages, self.policy.max_chars,
                                              before_seq)
-        session.commit()
+        if session.in_transaction():  # the claim read here, or the budget's read (nothing else, on PostgreSQL)
+            session.commit()
         return self.policy.messages(history, message)
 
     @staticmethod
@@ -323,7 +324,6 @@ class ChatService:
             values["token"] = conversation.token
         if key is not None:
             values.update(key_name=key.key, key_token=key.token, response_body=body)
-        session.commit()  # a turn holds one pooled connection at a time
         with queries.statements_alone(session) as connection:
             stored = queries.store_turn(connection, values, question, answer, day_usage,
                                         new_conversation=conversation is None, with_key=key is not None)

@@ -69,7 +69,6 @@ def claim_conversation(session: Session, user_id: str, conversation_id: str, lea
     until = now + timedelta(seconds=lease_seconds)
     history = None
     if history_window is not None and queries.is_postgresql(session):
-        session.commit()  # what the key or the budget read held: a turn holds one pooled connection at a time
         with queries.statements_alone(session) as connection:
             claimed = queries.claim_conversation_with_history(connection, user_id, parsed_id, token, now, until, *history_window)
         message_count, history = claimed or (None, None)

@@ -10,7 +10,7 @@ from sqlalchemy import and_, bindparam, delete, exists, func, insert, literal, n
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
 from chatapp.models import Conversation, DailyUsage, IdempotencyKey, Message, TokenBudget, utcnow
 
@@ -231,7 +231,6 @@ def insert_idempotency_key(session: Session, user_id: str, key: str, fingerprint
     values = {"user_id": user_id, "key": key, "fingerprint": fingerprint, "claim_token": token, "locked_until": locked_until,
               "created_at": now}
     if is_postgresql(session):
-        session.commit()  # a turn holds one pooled connection at a time
         with statements_alone(session) as connection:
             return connection.execute(_INSERT_KEY_UNLESS_THERE, values).first() is not None
     try:
@@ -568,11 +567,16 @@ def is_postgresql(session: Session) -> bool:
 
 
 @contextmanager
-def statements_alone(session: Session) -> Iterator[Connection]:
+def statements_alone(session: Session | scoped_session) -> Iterator[Connection]:
     """A pooled connection of the session's engine (psycopg) in autocommit: each statement is a
     transaction of its own. The session should hold no connection meanwhile: a turn takes one at a
-    time. psycopg's own switch, not SQLAlchemy's isolation_level option: that one gives the
-    connection back with an explicit isolation level, which every later BEGIN would then name."""
+    time: the session's transaction, if it has one, is committed first. psycopg's own switch, not
+    SQLAlchemy's isolation_level option: that one gives the connection back with an explicit
+    isolation level, which every later BEGIN would then name."""
+    if isinstance(session, scoped_session):  # a view's db.session
+        session = session()
+    if session.in_transaction():
+        session.commit()
     with session.get_bind().connect() as connection:
         driver_connection = connection.connection.driver_connection
         driver_connection.autocommit = True
@@ -644,7 +648,6 @@ def budget_standing(session: Session, user_id: str, first_day: date, last_day: d
     limit: None is unlimited). On PostgreSQL in autocommit: one round trip instead of three."""
     parameters = {"owner": user_id, "first_day": first_day, "last_day": last_day}
     if is_postgresql(session):
-        session.commit()  # a turn holds one pooled connection at a time
         with statements_alone(session) as connection:
             used, has_own_limit, own_limit = connection.execute(_BUDGET_STANDING, parameters).one()
     else:

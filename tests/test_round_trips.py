@@ -76,13 +76,14 @@ def test_the_history_is_read_again_when_the_claim_waited_for_a_turn_being_stored
         with engine.connect() as watcher:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and not watcher.scalar(text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'WITH claimed AS%'")):
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' "
+                    "AND query LIKE 'WITH claimed AS%'")):
                 time.sleep(0.01)
             assert time.monotonic() < deadline, "the claim never waited for the storing turn"
     finally:
         storing.commit()
         storing.close()
-        turn.join(5)
+        turn.join(10)
         engine.dispose()
     assert answers[0].status_code == 200, answers[0].get_json()
     sent = [message["content"] for message in agent_server.requests[-1].json["messages"]]
