@@ -503,13 +503,18 @@ def _claim_with_history_statement():
     for a turn storing its messages, sees that turn and the snapshot does not. The claimed row
     and the snapshot's then differ, and the caller reads the history again."""
     claimed = _CLAIM.returning(conversations.c.message_count, conversations.c.updated_at).cte("claimed")
+    # A claim need not outlive a crash of the database (the turn holding it fails with it): its
+    # commit does not wait for the WAL to reach the disk. set_config(..., true) is this statement's
+    # transaction's own (SET LOCAL), so nothing outlives it on a pooled server connection.
+    claim_commits_at_once = select(func.set_config("synchronous_commit", "off", true()).label("setting")).subquery("asynchronous")
     seen = (select(conversations.c.message_count, conversations.c.updated_at)
             .where(conversations.c.id == _param("conversation_id", conversations.c.id)).subquery("seen"))
     history = _history_window()
     current = and_(seen.c.message_count == claimed.c.message_count, seen.c.updated_at == claimed.c.updated_at)
     return (
         select(claimed.c.message_count, current.label("current"), history.c.role, history.c.content)
-        .select_from(claimed.join(seen, true()).outerjoin(history, history.c.chars_so_far <= bindparam("max_chars")))
+        .select_from(claimed.join(seen, true()).join(claim_commits_at_once, true())
+                     .outerjoin(history, history.c.chars_so_far <= bindparam("max_chars")))
         .order_by(history.c.seq)
     )
 

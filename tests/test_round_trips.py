@@ -91,3 +91,22 @@ def test_the_history_is_read_again_when_the_claim_waited_for_a_turn_being_stored
     with app.app_context():
         seqs = [(m.seq, m.role) for m in db.session.query(Message).filter_by(conversation_id=uuid.UUID(conversation_id)).order_by(Message.seq)]
     assert seqs == [(1, "user"), (2, "assistant"), (3, "user"), (4, "assistant"), (5, "user"), (6, "assistant")]
+
+
+def test_the_claim_commits_without_waiting_for_the_disk_and_the_setting_ends_with_it(app, chat, database_uri):
+    """A claim need not outlive a crash of the database: its statement turns synchronous_commit off
+    for its own transaction only, so that the next transaction on that (pooled, perhaps shared
+    through PgBouncer) server connection commits durably again."""
+    from chatapp import queries
+    from datetime import datetime, timedelta, timezone
+
+    conversation_id = uuid.UUID(chat.turn("first")["conversation_id"])
+    now = datetime.now(timezone.utc)
+    with app.app_context(), db.engine.connect() as connection:
+        rows = connection.execute(queries._CLAIM_WITH_HISTORY, {
+            "conversation_id": conversation_id, "owner": "alice", "now": now, "new_token": uuid.uuid4(),
+            "until": now + timedelta(seconds=5), "max_messages": 50, "max_chars": 10000}).all()
+        assert [(role, content) for _, _, role, content in rows] == [("user", "first"), ("assistant", "You said: first")]
+        assert connection.scalar(text("SHOW synchronous_commit")) == "off"  # in the claim's transaction
+        connection.rollback()
+        assert connection.scalar(text("SHOW synchronous_commit")) == "on"
