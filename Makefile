@@ -30,7 +30,7 @@ clean:
 
 # make bench: the benchmark of bench/README.md, on PostgreSQL (a few minutes; it writes
 # bench/results/<date>-<commit>.md). BENCH_ARGS="--sqlite", "--scenarios S1,S3", "--runs 1"...
-# make bench-deps: wrk, nginx and its echo module from Debian's packages, when missing.
+# make bench-deps: wrk, nginx and its echo module, and pgbouncer (--instances), from Debian's packages, when missing.
 BENCH_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -41,11 +41,12 @@ bench: install bench-deps
 
 bench-deps:
 	@if command -v wrk >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } \
-		&& test -f /usr/lib/nginx/modules/ngx_http_echo_module.so; then \
-		echo "bench-deps: wrk, nginx and its echo module are installed"; \
+		&& test -f /usr/lib/nginx/modules/ngx_http_echo_module.so \
+		&& { command -v pgbouncer >/dev/null 2>&1 || test -x /usr/sbin/pgbouncer; }; then \
+		echo "bench-deps: wrk, nginx and its echo module, and pgbouncer are installed"; \
 	else \
 		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-			wrk nginx libnginx-mod-http-echo; \
+			wrk nginx libnginx-mod-http-echo pgbouncer; \
 	fi
 
 # make e2e: gunicorn with production settings on 127.0.0.1, then newman (postman/) and schemathesis

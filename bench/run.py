@@ -25,7 +25,10 @@ from pathlib import Path
 
 import requests
 
+import big_db
+import instances
 import outage
+import reference
 import report
 from loadgen import run_wrk, wrk_binary
 from procs import connections_per_process, rss_mb, thread_count
@@ -75,6 +78,11 @@ def parse_args(argv):
     parser.add_argument("--no-results-file", action="store_true", help="print the table only")
     parser.add_argument("--json", type=Path, help="also write every number as JSON here")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (logs, nginx config)")
+    parser.add_argument("--reference", type=Path, metavar="DIR",
+                        help="also serve the reference app in DIR and run S1, S2, S4 and S3 (those of --scenarios) on "
+                             "both, taking turns; the report is chatapp / reference (bench/reference.py)")
+    big_db.add_arguments(parser)
+    instances.add_arguments(parser)
     opts = parser.parse_args(argv)
     opts.scenarios = [name.strip().upper() for name in opts.scenarios.split(",") if name.strip()]
     unknown = sorted(set(opts.scenarios) - set(SCENARIOS))
@@ -89,6 +97,8 @@ def parse_args(argv):
             parser.error(f"--env takes NAME=VALUE, got {setting!r}")
     if opts.runs < 1 or opts.duration < 1 or opts.s4_turns < 10:
         parser.error("--runs and --duration must be at least 1, --s4-turns at least 10")
+    reference.check_args(parser, opts)
+    instances.check_args(parser, opts)
     return opts
 
 
@@ -413,6 +423,10 @@ def main(argv=None) -> int:
 
     # SIGTERM (a CI timeout, a test) unwinds through the finally blocks: nothing is left running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if opts.big_db:
+        return big_db.main(opts)
+    if opts.instances:
+        return instances.main(opts, harness=sys.modules[__name__])  # this module: its loads, Client, log
     workdir = Path(tempfile.mkdtemp(prefix="chatapp-bench-"))
     commit, dirty = commit_of(opts.app_dir)
     started = datetime.now(timezone.utc)
@@ -433,6 +447,9 @@ def main(argv=None) -> int:
         service.migrate()
         service.start()
         log(f"gunicorn on {service.url}: workers {service.worker_pids()}, {opts.threads} threads each")
+        if opts.reference:
+            return reference.side_by_side(opts, Bench, service, stub, database, workdir, commit=commit, dirty=dirty,
+                                          started=started, machine=machine_info(database))
         bench = Bench(opts, service, stub, workdir, database)
         results = bench.run()
         results["meta"] = {

@@ -1,8 +1,9 @@
 """The agent stub: nginx with its echo module answering OpenAI-shaped chat completions on loopback.
 
 `POST /v1/chat/completions` answers at once; when the request's X-Request-ID starts with "slow-"
-(the app forwards the client's X-Request-ID to the agent) it answers after 200 ms. No Python in the
-path, so the stub is never the bottleneck; `GET /stub_status` counts the requests in flight.
+(the app forwards the client's X-Request-ID to the agent) it answers after 200 ms, as
+`POST /slow/v1/chat/completions` always does. No Python in the path, so the stub is never the
+bottleneck; `GET /stub_status` counts the requests in flight.
 """
 import os
 import re
@@ -54,8 +55,9 @@ http {{
             echo_read_request_body;
             echo '{completion}';
         }}
+        # Also asked directly (AGENT_URL .../slow/v1) by an app that does not forward X-Request-ID:
+        # bench/run.py --reference serves its reference app so for S3.
         location = /slow/v1/chat/completions {{
-            internal;
             echo_read_request_body;
             echo_sleep {slow_seconds};
             echo '{completion}';
@@ -85,6 +87,7 @@ class AgentStub:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.completions_url = self.base_url + "/chat/completions"
+        self.slow_base_url = f"http://127.0.0.1:{self.port}/slow/v1"  # every answer after 200 ms
         self.process = None
 
     def start(self) -> "AgentStub":

@@ -1,14 +1,18 @@
 """The CPU time and the wall time of one chat turn inside the app, without gunicorn, wrk or noise
 from their threads: the app's WSGI callable called in this process, one turn after the other, on
 the benchmark's own PostgreSQL database and nginx agent stub. A steadier reading than wrk's for
-comparing two versions of the code (`--app-dir`), and what `--profile` profiles.
+comparing two versions of the code (`--app-dir`), and what `--profile` profiles. `--reference DIR`
+measures a reference app the same way (bench/reference.py: its app.py, configured as
+`bench/run.py --reference DIR` serves it).
 
     .venv/bin/python bench/turn_cost.py                         # new and continued turns, 3 x 2000 each
     .venv/bin/python bench/turn_cost.py --app-dir ../other      # another checkout, same harness
     .venv/bin/python bench/turn_cost.py --kind continue --profile turn.prof   # cProfile of those turns
+    .venv/bin/python bench/turn_cost.py --reference ../reference-app          # a reference app, same harness
 """
 import argparse
 import cProfile
+import importlib.util
 import io
 import json
 import os
@@ -18,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from reference import ReferenceService, chatapp_pool_size
 from service import Database, Service
 from stub import ECHO_MODULE, AgentStub, nginx_binary
 
@@ -38,7 +43,13 @@ def parse_args(argv):
     parser.add_argument("--sqlite", action="store_true", help="a SQLite file instead of PostgreSQL")
     parser.add_argument("--pg-url", default=DEFAULT_PG_URL, help=f"database to create and drop (default {DEFAULT_PG_URL})")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the last run here (pstats format)")
-    return parser.parse_args(argv)
+    parser.add_argument("--reference", type=Path, metavar="DIR",
+                        help="measure the reference app in DIR instead of chatapp (PostgreSQL only)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    opts = parser.parse_args(argv)
+    if opts.reference and opts.sqlite:
+        parser.error("--reference needs PostgreSQL")
+    return opts
 
 
 class TurnCaller:
@@ -74,27 +85,67 @@ def measure(turns, call) -> tuple[float, float]:
     return (time.process_time() - cpu) / turns * 1e6, (time.perf_counter() - wall) / turns * 1e6
 
 
+def chatapp_app(app_dir: Path, database: Database, stub: AgentStub, workdir: Path):
+    """chatapp's WSGI app of `app_dir`, migrated and configured as the benchmark serves it; a token
+    for USER; a function that closes its database connections."""
+    service = Service(app_dir, workdir, database.url, stub.base_url, workers=1, threads=1, extra_env={})
+    service.migrate()
+    os.environ.update(service.app_env)
+    os.chdir(app_dir)
+    sys.path.insert(0, str(app_dir))
+    from wsgi import app  # noqa: E402  (the checkout under test, configured from the environment)
+
+    def close():
+        from chatapp.extensions import db
+
+        with app.app_context():
+            db.engine.dispose()
+
+    return app, service.token(USER), close
+
+
+def reference_app(reference_dir: Path, app_dir: Path, database: Database, stub: AgentStub, workdir: Path):
+    """The reference app's `app` from its app.py, its schema created and its settings those of
+    `bench/run.py --reference` (its pool as large as chatapp's of `app_dir`); a token; a closer."""
+    chatapp = Service(app_dir, workdir, database.url, stub.base_url, workers=1, threads=1, extra_env={})
+    service = ReferenceService(reference_dir, workdir, database.url, stub.base_url, workers=1, threads=1,
+                               pool_size=chatapp_pool_size(chatapp))
+    service.migrate()
+    os.environ.update(service.app_env)
+    os.chdir(reference_dir)
+    spec = importlib.util.spec_from_file_location("reference_app", reference_dir / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def close():
+        # A pool of connections (psycopg_pool's, as its README's app keeps), if it has one.
+        pool = getattr(module, "pool", None)
+        if hasattr(pool, "close"):
+            pool.close()
+
+    return module.app, service.token(USER), close
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
     if not nginx_binary() or not ECHO_MODULE.exists():
         print("turn_cost.py needs nginx and its echo module: make bench-deps", file=sys.stderr)
         return MISSING_TOOLS_EXIT
     app_dir = opts.app_dir.resolve()
+    figures = {}
     with tempfile.TemporaryDirectory(prefix="chatapp-turn-") as workdir:
         workdir = Path(workdir)
         database = Database(None if opts.sqlite else opts.pg_url, workdir).create()
         stub = AgentStub(workdir).start()
+        close = None
         try:
-            service = Service(app_dir, workdir, database.url, stub.base_url, workers=1, threads=1, extra_env={})
-            service.migrate()
-            os.environ.update(service.app_env)
             # The app logs a JSON line a request to stdout, as under gunicorn: written, to nowhere.
             results_out, sys.stdout = sys.stdout, open(os.devnull, "w")
-            os.chdir(app_dir)
-            sys.path.insert(0, str(app_dir))
-            from wsgi import app  # noqa: E402  (the checkout under test, configured from the environment)
-
-            caller = TurnCaller(app, service.token(USER))
+            if opts.reference:
+                app, token, close = reference_app(opts.reference.resolve(), app_dir, database, stub, workdir)
+            else:
+                app, token, close = chatapp_app(app_dir, database, stub, workdir)
+            caller = TurnCaller(app, token)
             new_body = b'{"message":"Hello from the turn benchmark: what is a good name for it?"}'
             conversations = [caller.turn(new_body)["conversation_id"] for _ in range(CONVERSATIONS)]
 
@@ -121,6 +172,7 @@ def main(argv=None) -> int:
                 cpu = statistics.median(r[0] for r in results)
                 wall = statistics.median(r[1] for r in results)
                 runs = ", ".join(f"{r[0]:.0f}/{r[1]:.0f}" for r in results)
+                figures[kind] = {"cpu_us": cpu, "wall_us": wall, "runs": results}
                 print(f"{kind:9s} turn: CPU {cpu:7.1f} us, wall {wall:7.1f} us (median of {opts.runs} x {opts.turns}; "
                       f"cpu/wall a run: {runs})", file=results_out)
             if profiler:
@@ -128,12 +180,11 @@ def main(argv=None) -> int:
                 print(f"profile of the last run written to {opts.profile}", file=results_out)
         finally:
             stub.stop()
-            if "wsgi" in sys.modules:
-                from chatapp.extensions import db
-
-                with sys.modules["wsgi"].app.app_context():
-                    db.engine.dispose()
+            if close is not None:
+                close()
             database.drop()
+    if opts.json:
+        opts.json.write_text(json.dumps(figures, indent=2))
     return 0
 
 

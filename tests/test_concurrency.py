@@ -1,8 +1,6 @@
 """Real concurrency: threads posting through gunicorn, two server processes sharing one database,
 and a bounded stress run with retries of the same keys."""
-import collections
 import json
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,22 +9,14 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
-from tests.support.agent import Echo
-from tests.conftest import TEST_SECRET, AuthActions
+from tests.conftest import AuthActions
 from tests.support.live_server import LiveServer
+from tests.support.stress import live_settings, run_stress
 
 
 @pytest.fixture
 def live_env(database_uri, agent_server):
-    return {
-        "DATABASE_URL": database_uri,
-        "JWT_SECRET_KEY": TEST_SECRET,
-        "AGENT_URL": agent_server.url,
-        "AGENT_TIMEOUT": "10",
-        "AGENT_MAX_RETRIES": "0",
-        "LOG_LEVEL": "WARNING",
-        "RATE_LIMIT": "100000 per minute",  # these tests are one user's flood on purpose
-    }
+    return live_settings(database_uri, agent_server.url)
 
 
 @pytest.fixture
@@ -102,114 +92,10 @@ def test_two_turns_on_one_conversation_in_two_processes(two_servers, agent_serve
     assert len(agent_server.requests) == 2
 
 
-CLIENTS, TURNS, CONVERSATIONS = 50, 20, 10
-REPLAY_PROBABILITY = 0.3  # a client that lost the answer sends the same key again, later
-DUPLICATE_PROBABILITY = 0.15  # an impatient client sends the same key twice at once
-STRESS_SECONDS = 240
-
-
 def test_stress_histories_stay_complete_alternating_and_gap_free(two_servers, agent_server, database_uri, capsys):
-    agent_server.default = Echo(delay=0.002)
-    headers = AuthActions().headers()
-    urls = [f"{server.url}/api/alice/chat" for server in two_servers]
-    conversation_ids = [
-        requests.post(urls[0], json={"message": f"conversation {n}"}, headers=headers, timeout=10).json()["conversation_id"]
-        for n in range(CONVERSATIONS)
-    ]
-    tally = collections.Counter()
-    tally_lock = threading.Lock()
-    failures = []
-    deadline = time.monotonic() + STRESS_SECONDS
-
-    def send(session, rng, key, body):
-        response = session.post(rng.choice(urls), json=body, headers={**headers, "Idempotency-Key": key}, timeout=60)
-        outcome = "replayed" if response.headers.get("Idempotent-Replayed") == "true" else str(response.status_code)
-        if response.status_code != 200:
-            outcome += " " + response.json()["code"]
-        with tally_lock:
-            tally["requests"] += 1
-            tally[outcome] += 1
-        return response
-
-    def client(number):
-        rng = random.Random(number)
-        conversation_id = conversation_ids[number % CONVERSATIONS]
-        with requests.Session() as session, requests.Session() as impatient:
-            for turn in range(TURNS):
-                key = f"c{number}-t{turn}"
-                body = {"message": key, "conversation_id": conversation_id}
-                duplicate = None
-                if rng.random() < DUPLICATE_PROBABILITY:
-                    duplicate = ThreadPoolExecutor(1)
-                    duplicate_response = duplicate.submit(send, impatient, random.Random(), key, body)
-                answer = None
-                while answer is None:
-                    if time.monotonic() > deadline:
-                        failures.append(f"{key}: out of time")
-                        return
-                    response = send(session, rng, key, body)
-                    if response.status_code == 200:
-                        answer = response.content
-                    elif response.status_code == 409:
-                        time.sleep(rng.uniform(0.002, 0.02))
-                    else:
-                        failures.append(f"{key}: {response.status_code} {response.text}")
-                        return
-                if duplicate is not None:
-                    other = duplicate_response.result()
-                    duplicate.shutdown()
-                    if not (other.status_code == 409 or other.content == answer):
-                        failures.append(f"{key}: duplicate answered {other.status_code} differently")
-                if rng.random() < REPLAY_PROBABILITY:
-                    replay = send(session, rng, key, body)
-                    if replay.content != answer or replay.headers.get("Idempotent-Replayed") != "true":
-                        failures.append(f"{key}: bad replay {replay.status_code}")
-
-    started = time.monotonic()
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        list(pool.map(client, range(CLIENTS)))
-    elapsed = time.monotonic() - started
-    assert failures == []
-
-    # Each key called the agent exactly once; nothing else called it.
-    agent_calls = collections.Counter(request.json["messages"][-1]["content"] for request in agent_server.requests)
-    expected = {f"c{c}-t{t}" for c in range(CLIENTS) for t in range(TURNS)} | {f"conversation {n}" for n in range(CONVERSATIONS)}
-    assert set(agent_calls) == expected
-    assert set(agent_calls.values()) == {1}
-
-    # Each history is complete, gap-free and alternating; each client's turns are in its order.
-    engine = create_engine(database_uri)
-    with engine.connect() as connection:
-        rows = connection.execute(text("SELECT conversation_id, seq, role, content FROM messages ORDER BY conversation_id, seq")).all()
-        keys_stored = connection.execute(text("SELECT count(*) FROM idempotency_keys WHERE response_body IS NOT NULL")).scalar()
-        keys_total = connection.execute(text("SELECT count(*) FROM idempotency_keys")).scalar()
-        held = connection.execute(text("SELECT count(*) FROM conversations WHERE claim_token IS NOT NULL")).scalar()
-    engine.dispose()
-    histories = collections.defaultdict(list)
-    for conversation_id, seq, role, content in rows:
-        histories[str(conversation_id)].append((seq, role, content))
-    assert len(histories) == CONVERSATIONS
-    for history in histories.values():
-        assert [seq for seq, _, _ in history] == list(range(1, len(history) + 1))
-        assert [role for _, role, _ in history] == ["user", "assistant"] * (len(history) // 2)
-        for (_, _, asked), (_, _, answered) in zip(history[::2], history[1::2]):
-            assert answered == f"You said: {asked}"
-        for number in range(CLIENTS):
-            mine = [content for _, role, content in history if role == "user" and content.startswith(f"c{number}-")]
-            assert mine in ([], [f"c{number}-t{t}" for t in range(TURNS)])
-    assert len(rows) == 2 * len(expected)
-    assert keys_stored == keys_total == CLIENTS * TURNS
-    assert held == 0
-
+    result = run_stress([f"{server.url}/api/alice/chat" for server in two_servers], agent_server, database_uri)
     with capsys.disabled():
-        print(
-            f"\nstress [{database_uri.split(':')[0]}]: {tally['requests']} requests in {elapsed:.1f} s: "
-            f"{tally['200']} x 200, {tally['replayed']} x 200 replayed, "
-            f"{tally['409 conversation_busy']} x 409 conversation_busy, "
-            f"{tally['409 idempotency_in_progress']} x 409 idempotency_in_progress, "
-            f"other {tally['requests'] - tally['200'] - tally['replayed'] - tally['409 conversation_busy'] - tally['409 idempotency_in_progress']}; "
-            f"{len(agent_server.requests)} agent calls, {len(rows)} messages stored, {keys_stored} keys stored"
-        )
+        print(f"\nstress [{database_uri.split(':')[0]}]: {result.summary()}")
 
 
 def test_twenty_turns_near_the_budget_pass_it_by_at_most_the_turns_in_flight(live_env, agent_server, database_uri):

@@ -1,10 +1,7 @@
 """deploy/nginx.conf, as shipped, in front of gunicorn: slow clients stop at nginx, request ids
 pass through, event streams are not buffered, nginx's own errors are the service's JSON."""
 import json
-import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from contextlib import ExitStack
@@ -15,66 +12,23 @@ import requests
 from tests.support.agent import Stream
 from tests.conftest import TEST_SECRET, AuthActions, skip_or_fail
 from tests.support.assertions import assert_error
-from tests.support.live_server import ROOT, LiveServer
+from tests.support.live_server import LiveServer
+from tests.support.nginx import Nginx, deploy_site, nginx_binary
 from tests.support.processes import free_port
-
-MAIN_CONFIG = """\
-daemon off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    include {dir}/chatapp.conf;
-}}
-"""
-
-
-def nginx_binary():
-    return shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
 
 
 @pytest.fixture
 def proxied(request, tmp_path, agent_server):
     """gunicorn, and nginx with deploy/nginx.conf in front of it: only its upstream and listen
     address are changed, to the test's loopback ports."""
-    binary = nginx_binary()
-    if binary is None:
+    if nginx_binary() is None:
         skip_or_fail(request, "nginx is not installed (make bench-deps)")
     server = LiveServer({"DATABASE_URL": f"sqlite:///{tmp_path}/proxied.db", "JWT_SECRET_KEY": TEST_SECRET,
                          "AGENT_URL": agent_server.url}, workers=1, threads=4)
     assert server.run_release().returncode == 0
     port = free_port()
-    site = (ROOT / "deploy" / "nginx.conf").read_text()
-    assert "server 127.0.0.1:8000;" in site and "listen 80;" in site
-    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{server.port};")
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
-    (tmp_path / "chatapp.conf").write_text(site)
-    (tmp_path / "nginx.conf").write_text(MAIN_CONFIG.format(dir=tmp_path))
-    with server:
-        nginx = subprocess.Popen([binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 10
-            while True:
-                assert nginx.poll() is None, (tmp_path / "error.log").read_text()
-                try:
-                    requests.get(url + "/healthz", timeout=1)
-                    break
-                except requests.ConnectionError:
-                    assert time.monotonic() < deadline, "nginx did not start"
-                    time.sleep(0.05)
-            yield url, port, server
-        finally:
-            nginx.terminate()
-            nginx.wait(timeout=10)
+    with server, Nginx(tmp_path / "nginx", deploy_site(port, [server.port]), port) as nginx:
+        yield nginx.url, port, server
 
 
 def test_slow_clients_stop_at_nginx(proxied):

@@ -10,6 +10,7 @@
 --   request_id=PREFIX           sent as X-Request-ID (the app forwards it to the agent; the stub
 --                               answers ids starting with "slow-" after 200 ms)
 --   max=N                       stop the thread after N responses (a bounded number of turns)
+--   token=JWT                   get: sent as Authorization: Bearer JWT (the history endpoints)
 --
 -- done() prints one line: BENCH_RESULT {json}, latencies in microseconds.
 
@@ -65,7 +66,9 @@ function init(args)
    if opts.request_id then base["X-Request-ID"] = opts.request_id end
 
    if mode == "get" then
-      table.insert(requests, wrk.format("GET", wrk.path, headers_with(base)))
+      local headers = headers_with(base)
+      if opts.token then headers["Authorization"] = "Bearer " .. opts.token end
+      table.insert(requests, wrk.format("GET", wrk.path, headers))
    elseif mode == "stub" then
       local headers = headers_with(base)
       headers["Content-Type"] = "application/json"
