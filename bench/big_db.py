@@ -952,10 +952,7 @@ def main(opts) -> int:
         text = markdown(results)
         print(text)
         if not opts.no_results_file:
-            output = opts.output or BENCH_DIR / "results" / f"{started.strftime('%Y-%m-%d')}-{commit}-big-db.md"
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text)
-            log(f"written to {output}")
+            log(f"written to {report.write_results(text, opts.output, started, commit, '-big-db')}")
         if opts.json:
             opts.json.write_text(json.dumps(results, indent=2, default=str))
         return 0

@@ -137,9 +137,7 @@ def main(argv=None) -> int:
             f"load average at the start {meta['machine']['load average at start']}; {meta['database']}.\n\n"
             f"{variants}\n\n{table(opts, results)}\n" + (f"\n{notes}\n" if notes else ""))
     print(text)
-    output = opts.output or BENCH_DIR / "results" / f"{started:%Y-%m-%d}-{commit()}-{opts.name}.md"
-    output.write_text(text)
-    log(f"written to {output}")
+    log(f"written to {report.write_results(text, opts.output, started, commit(), '-' + opts.name)}")
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from urllib.parse import urlsplit, urlunsplit
 
+import report
 from loadgen import run_wrk
 from procs import free_port, popen
 from service import Database, Service
@@ -513,10 +514,7 @@ def main(opts, harness) -> int:
         text = markdown(opts, [one, several], results, meta)
         print(text)
         if not opts.no_results_file:
-            output = opts.output or harness.BENCH_DIR / "results" / f"{started:%Y-%m-%d}-{commit}-instances.md"
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text)
-            log(f"written to {output}")
+            log(f"written to {report.write_results(text, opts.output, started, commit, '-instances')}")
         if opts.json:
             opts.json.write_text(json.dumps({"meta": meta, "setups": [one.name, several.name], "results": results},
                                             indent=2, default=str))

@@ -210,10 +210,7 @@ def side_by_side(opts, make_bench, chatapp: Service, stub, database, workdir: Pa
     text = markdown(meta, results, costs)
     print(text)
     if not opts.no_results_file:
-        output = opts.output or BENCH_DIR / "results" / f"{started:%Y-%m-%d}-{commit}-reference.md"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
-        log(f"written to {output}")
+        log(f"written to {report.write_results(text, opts.output, started, commit, '-reference')}")
     if opts.json:
         opts.json.write_text(json.dumps({"meta": meta, **results, "turn_cost": costs, "ratios": ratios(results)},
                                         indent=2, default=str))

@@ -1,7 +1,11 @@
 """The results as Markdown: the table of medians, the ratios against the targets, memory, settings."""
 import statistics
+from datetime import datetime
+from pathlib import Path
 
 import outage
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Targets of the benchmark issue (not of the tests).
 SLOW_AGENT_SECONDS = 0.2
@@ -22,6 +26,14 @@ ROWS = [
     ("S4-short", "S4", "sequential turns, conversations of 10 messages"),
     ("S4-long", "S4", "sequential turns, a conversation of 2,000 messages"),
 ]
+
+
+def write_results(text: str, output: Path | None, started: datetime, commit: str, suffix: str = "") -> Path:
+    """Write a report to `output` (--output), or to results/<date>-<commit><suffix>.md; its path."""
+    path = output or RESULTS_DIR / f"{started:%Y-%m-%d}-{commit}{suffix}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -478,11 +478,7 @@ def main(argv=None) -> int:
         text = report.markdown(results)
         print(text)
         if not opts.no_results_file:
-            output = opts.output or BENCH_DIR / "results" / (
-                f"{started.strftime('%Y-%m-%d')}-{commit}{'-sqlite' if opts.sqlite else ''}.md")
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text)
-            log(f"written to {output}")
+            log(f"written to {report.write_results(text, opts.output, started, commit, '-sqlite' if opts.sqlite else '')}")
         if opts.json:
             opts.json.write_text(json.dumps({**results, "ratios": report.ratios(results)}, indent=2, default=str))
         return 0

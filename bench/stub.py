@@ -5,9 +5,7 @@
 `POST /slow/v1/chat/completions` always does. No Python in the path, so the stub is never the
 bottleneck; `GET /stub_status` counts the requests in flight.
 """
-import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import requests
 
 from procs import free_port, popen
+from tests.support.nginx import nginx_binary  # noqa: F401  (run.py and turn_cost.py take it from here)
 
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 SLOW_SECONDS = 0.2
@@ -68,14 +67,6 @@ http {{
     }}
 }}
 """
-
-
-def nginx_binary() -> str | None:
-    """nginx on PATH, or Debian's /usr/sbin/nginx (not on a non-root PATH)."""
-    found = shutil.which("nginx")
-    if found:
-        return found
-    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
 
 
 class AgentStub:
