@@ -481,7 +481,7 @@ _ALONE = {"finish": _FINISH_CONVERSATION_TURN, "insert": _INSERT_CONVERSATION}
 def _counting_the_turn(session: Session, statement: str, parameters: dict, day_usage: dict):
     """Run the conversation's `statement` of a turn and count the turn in its user's day: in the
     same statement on PostgreSQL, in the next one on SQLite (in-process: no round trip to save)."""
-    if session.get_bind().dialect.name == "postgresql":
+    if is_postgresql(session):
         return session.execute(_COUNTING_THE_TURN[statement], {**parameters, **day_usage})
     result = session.execute(_ALONE[statement], parameters)
     session.execute(_ADD_DAILY_USAGE["sqlite"], day_usage)
